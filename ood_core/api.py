@@ -1,0 +1,232 @@
+"""The detector API shared by every detector, and the library's exceptions.
+
+The interface mirrors pytorch-ood's ``pytorch_ood.api.Detector`` so code ports by changing the import:
+``fit(loader)``, ``fit_features(x, y)``, ``predict(x)``, ``predict_features(x)`` and ``__call__`` -> ``predict``.
+Higher scores mean "more out-of-distribution"; labels < 0 mark OOD samples.
+
+Beyond pytorch-ood, a ``Detector`` is a ``torch.nn.Module`` whose fitted state lives in registered buffers,
+declared in :attr:`Detector.state_spec`, so that ``detector.to(device)`` moves it and
+:mod:`ood_core.state` can save it to and load it from safetensors with full validation.
+Networks handed to the constructor (``model``, ``head``, ``backbone``) are *not* submodules: they are
+neither saved with the state nor moved by ``detector.to``; pass them again when loading.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ood_core.calibration import Calibration
+
+InputKind = Literal["logits", "features", "feature_maps", "input", "multi_features"]
+
+
+class OODError(Exception):
+    """Base class of every exception raised by ood_core."""
+
+
+class RequiresFitException(OODError, RuntimeError):
+    """The detector has to be fitted (``fit`` / ``fit_features`` or a loaded state) before it can predict."""
+
+
+class ModelNotSetException(OODError, ValueError):
+    """The method needs the network (``model``, ``backbone`` or ``head``) but none was given."""
+
+
+class FeaturesNotSupportedError(OODError, NotImplementedError):
+    """The detector needs the network in the loop (e.g. ODIN backpropagates, MCD samples dropout masks)
+    and so cannot score pre-computed features."""
+
+
+class InvalidStateError(OODError, ValueError):
+    """A saved detector state (or calibration) is malformed, inconsistent or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype a fitted-state tensor must have.
+
+    ``dims`` holds ints (fixed sizes) or symbols: ``"D"`` is the feature dimension, ``"C"`` the number of
+    classes (both stored in the state's metadata); any other symbol is free but must be the same
+    wherever it appears within one state.
+    """
+
+    dims: tuple[int | str, ...]
+    dtype: torch.dtype = torch.float32
+
+
+class Detector(nn.Module, ABC):
+    """Abstract base class of an OOD detector.
+
+    Subclasses set the class attributes below and implement :meth:`predict_features` (and, when the
+    detector needs fitting, :meth:`_fit_batch` / :meth:`_finish_fit` or :meth:`_fit_all`).
+    """
+
+    #: buffers that make up the fitted state (saved by :mod:`ood_core.state`)
+    state_spec: ClassVar[dict[str, TensorSpec]] = {}
+    #: whether predictions need a fitted state
+    requires_fit: ClassVar[bool] = False
+    #: what ``predict_features`` consumes; the service routes the matching network output to it
+    input_kind: ClassVar[InputKind] = "logits"
+    #: whether ``predict_features`` accepts ``B x C x H x W`` input and returns ``B x H x W`` scores
+    supports_segmentation: ClassVar[bool] = False
+    #: constructor arguments that are networks: kept out of the module tree and out of saved states
+    external_modules: ClassVar[tuple[str, ...]] = ("model",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._is_fitted = not self.requires_fit
+        #: ID calibration (threshold, p-values) attached by :func:`ood_core.state.load_detector`
+        self.calibration: Calibration | None = None
+        for name, spec in self.state_spec.items():
+            self.register_buffer(name, torch.empty((0,) * max(len(spec.dims), 1), dtype=spec.dtype))
+
+    # ------------------------------------------------------------------ plumbing
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).external_modules:
+            object.__setattr__(self, name, value)  # do not register as a submodule
+        else:
+            super().__setattr__(name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
+        """Same as :meth:`predict` (pytorch-ood's convention)."""
+        return self.predict(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predict(x)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._is_fitted
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the fitted state (CPU for detectors without tensors)."""
+        for buf in self.buffers():
+            return buf.device
+        return torch.device("cpu")
+
+    def hparams(self) -> dict[str, Any]:
+        """JSON-serializable constructor arguments (without networks and tensors)."""
+        return {}
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Dimension of the input ``predict_features`` expects (channels for feature maps), if known."""
+        return None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes the detector was fitted for, if it depends on it."""
+        return None
+
+    @classmethod
+    def from_state(cls, hparams: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, Any]) -> Self:
+        """Build an unfitted instance from saved hyperparameters; :mod:`ood_core.state` then loads buffers.
+
+        Override when the constructor takes tensors (``tensors`` holds every saved tensor).
+        """
+        return cls(**modules, **hparams)
+
+    def _mark_fitted(self) -> None:
+        self._is_fitted = True
+
+    def _check_fitted(self) -> None:
+        if not self._is_fitted:
+            raise RequiresFitException(f"{type(self).__name__} has to be fitted before it can predict")
+
+    def _require(self, name: str = "model") -> Callable[..., Tensor]:
+        net = getattr(self, name, None)
+        if net is None:
+            raise ModelNotSetException(f"{type(self).__name__}.{name} is not set")
+        return net  # type: ignore[no-any-return]
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        """Move an input to the device of the fitted state."""
+        dev = self.device
+        return x if x.device == dev or not self.state_spec else x.to(dev)
+
+    # ------------------------------------------------------------------ fitting
+    def _extract(self, x: Tensor) -> Tensor:
+        """Network output that ``fit``/``predict`` feed to the ``*_features`` methods."""
+        return self._require("model")(x)
+
+    def fit(self, data_loader: Iterable[Any], device: str | torch.device | None = None) -> Self:
+        """Fit on a loader of ``(x, y)`` batches, streaming: batches are passed through the network and
+        folded into the fit one by one (detectors with sufficient statistics never hold the data set).
+        Detectors that need no fitting return at once."""
+        if not self.requires_fit:
+            return self
+        self._begin_fit()
+        for x, y in _batches(data_loader):
+            if device is not None:
+                x = x.to(device)
+            with torch.no_grad():
+                z = self._extract(x)
+            self._fit_batch(z, y.to(z.device) if isinstance(z, Tensor) else y)
+        self._finish_fit()
+        self._mark_fitted()
+        return self
+
+    def fit_features(self, x: Any, y: Tensor) -> Self:
+        """Fit directly on network outputs (features or logits, per :attr:`input_kind`) and labels."""
+        if not self.requires_fit:
+            return self
+        self._begin_fit()
+        self._fit_batch(x, y)
+        self._finish_fit()
+        self._mark_fitted()
+        return self
+
+    # Default: collect everything, then ``_fit_all``. Streaming detectors override the three hooks.
+    def _begin_fit(self) -> None:
+        self._fit_buffer: list[tuple[Any, Tensor]] = []
+
+    def _fit_batch(self, z: Any, y: Tensor) -> None:
+        self._fit_buffer.append((z, y))
+
+    def _finish_fit(self) -> None:
+        items, self._fit_buffer = self._fit_buffer, []
+        if not items:
+            raise ValueError(f"{type(self).__name__}: no data to fit on")
+        ys = torch.cat([y.reshape(-1).cpu() for _, y in items])
+        if isinstance(items[0][0], Tensor):
+            self._fit_all(torch.cat([z for z, _ in items]), ys)
+        else:  # lists of per-layer tensors
+            layers = list(zip(*[z for z, _ in items], strict=True))
+            self._fit_all([torch.cat(list(t)) for t in layers], ys)
+
+    def _fit_all(self, z: Any, y: Tensor) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, x: Tensor) -> Tensor:
+        """Outlier scores for inputs ``x``, which are passed through the network."""
+        self._check_fitted()
+        with torch.no_grad():
+            z = self._extract(x)
+        return self.predict_features(z)
+
+    def predict_features(self, x: Tensor) -> Tensor:
+        """Outlier scores from network outputs (see :attr:`input_kind`)."""
+        raise FeaturesNotSupportedError(
+            f"{type(self).__name__} needs the network in the loop and cannot score features; use predict(x)"
+        )
+
+
+def _batches(loader: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("fit(loader) expects batches of (inputs, labels)")
+        yield batch[0], torch.as_tensor(batch[1])
+
+
+def known_mask(y: Tensor) -> Tensor:
+    """Boolean mask of in-distribution samples (label >= 0)."""
+    return y >= 0

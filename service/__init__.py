@@ -1,0 +1,1 @@
+"""ood-serve: the OOD scoring service (FastAPI)."""
