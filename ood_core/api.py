@@ -174,10 +174,15 @@ class Detector(nn.Module, ABC):
         self._mark_fitted()
         return self
 
-    def fit_features(self, x: Any, y: Tensor) -> Self:
-        """Fit directly on network outputs (features or logits, per :attr:`input_kind`) and labels."""
+    def fit_features(self, x: Any, y: Tensor, device: str | torch.device | None = None) -> Self:
+        """Fit directly on network outputs (features or logits, per :attr:`input_kind`) and labels.
+
+        ``device`` (as in pytorch-ood) moves the inputs there before fitting; by default they stay put."""
         if not self.requires_fit:
             return self
+        if device is not None:
+            x = [t.to(device) for t in x] if isinstance(x, (list, tuple)) else x.to(device)
+            y = y.to(device)
         self._begin_fit()
         self._fit_batch(x, y)
         self._finish_fit()

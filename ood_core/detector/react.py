@@ -141,9 +141,9 @@ class ReAct(ActivationShapingDetector):
         """Fit the threshold on the backbone's activations of ID samples; no-op with a fixed threshold."""
         return self if self.fixed_threshold is not None else super().fit(data_loader, device)
 
-    def fit_features(self, x: Any, y: Tensor) -> Self:
+    def fit_features(self, x: Any, y: Tensor, device: str | torch.device | None = None) -> Self:
         """Fit the threshold on activations ``x`` (``B x ...``) of ID samples; no-op with a fixed threshold."""
-        return self if self.fixed_threshold is not None else super().fit_features(x, y)
+        return self if self.fixed_threshold is not None else super().fit_features(x, y, device)
 
     def _begin_fit(self) -> None:
         self._sample = StreamingSample(self.activation_capacity)
