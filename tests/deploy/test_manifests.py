@@ -115,9 +115,7 @@ def test_selectors_match_the_pods(overlay: str) -> None:
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_are_hadolint_clean(dockerfile: str) -> None:
-    result = subprocess.run(
-        [_tool("hadolint"), str(ROOT / "docker" / dockerfile)], capture_output=True, text=True
-    )
+    result = subprocess.run([_tool("hadolint"), str(ROOT / "docker" / dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
