@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from ood_core.api import RequiresFitException
+from ood_core.detector import KNN
+from ood_core.detector import knn as knn_module
+
+from .common import assert_roundtrip
+
+
+def test_hand_computed_unnormalized() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    det = KNN(None, k=2, normalize=False).fit_features(bank, torch.zeros(4).long())
+    # (0, 0): distances 0, 1, 2, 3 -> 1 ; (1, 1): sqrt 2, 1, sqrt 2, sqrt 5 -> sqrt 2
+    torch.testing.assert_close(
+        det.predict_features(torch.tensor([[0.0, 0.0], [1.0, 1.0]])), torch.tensor([1.0, math.sqrt(2)])
+    )
+
+
+def test_hand_computed_normalized_and_ood_labels_ignored() -> None:
+    bank = torch.tensor([[5.0, 0.0], [0.0, 0.5], [-2.0, 0.0], [9.0, 9.0]])
+    det = KNN(None, k=2).fit_features(bank, torch.tensor([0, 1, 0, -1]))
+    assert det.bank.shape == (3, 2)
+    # unit bank (1, 0), (0, 1), (-1, 0); query (2, 0) -> (1, 0): distances 0, sqrt 2, 2 -> sqrt 2
+    torch.testing.assert_close(det.predict_features(torch.tensor([[2.0, 0.0]])), torch.tensor([math.sqrt(2)]))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_blocked_search_matches_brute_force(monkeypatch, normalize: bool) -> None:
+    monkeypatch.setattr(knn_module, "MAX_BLOCK_ELEMENTS", 1500)  # two queries per block
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(700, 6, generator=g) + 3.0, torch.randn(90, 6, generator=g)
+    det = KNN(None, k=7, normalize=normalize).fit_features(bank, torch.zeros(700).long())
+    prep = (lambda z: z / z.norm(dim=1, keepdim=True)) if normalize else (lambda z: z)
+    expected = torch.cdist(prep(query).double(), prep(bank).double()).sort(1).values[:, 6]
+    torch.testing.assert_close(det.predict_features(query).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ood_scores_higher_on_separable_data() -> None:
+    g = torch.Generator().manual_seed(3)
+    directions = torch.nn.functional.normalize(torch.randn(3, 16, generator=g))
+    y = torch.randint(0, 3, (300,), generator=g)
+    det = KNN(None, k=5).fit_features(directions[y] + 0.05 * torch.randn(300, 16, generator=g), y)
+    id_test = directions[torch.arange(30) % 3] + 0.05 * torch.randn(30, 16, generator=g)
+    ood_test = torch.randn(30, 16, generator=g)
+    assert det.predict_features(ood_test).min() > det.predict_features(id_test).max()
+
+
+def test_k_larger_than_bank_and_requires_fit() -> None:
+    with pytest.raises(RequiresFitException):
+        KNN(None).predict_features(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="k=5"):
+        KNN(None, k=5).fit_features(torch.randn(4, 3), torch.zeros(4).long())
+
+
+def test_roundtrip(tmp_path) -> None:
+    det = KNN(torch.nn.Identity(), k=3, normalize=False).fit(
+        zip(torch.randn(20, 4).split(5), torch.zeros(20).long().split(5), strict=True)
+    )
+    torch.testing.assert_close(det.predict(torch.ones(2, 4)), det.predict_features(torch.ones(2, 4)))
+    loaded = assert_roundtrip(det, torch.randn(5, 4), tmp_path)
+    assert (loaded.k, loaded.normalize, loaded.feature_dim) == (3, False, 4)
+
+
+def test_bank_does_not_alias_the_fitted_tensor() -> None:
+    x = torch.randn(10, 3)
+    det = KNN(None, k=2, normalize=False).fit_features(x, torch.zeros(10).long())
+    before = det.predict_features(torch.zeros(1, 3))
+    x.mul_(100.0)
+    torch.testing.assert_close(det.predict_features(torch.zeros(1, 3)), before)
