@@ -1,0 +1,47 @@
+"""``ood-serve`` / ``python -m service``: run the service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.logs import uvicorn_log_config
+from service.settings import load_settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ood-serve", description="Out-of-distribution scoring service")
+    parser.add_argument("--host", default=os.environ.get("OOD_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("OOD_PORT", "8000")))
+    parser.add_argument("--config", default=None, help="YAML/JSON config file (default: $OOD_CONFIG)")
+    return parser.parse_args(argv)
+
+
+def _exit_zero(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    app = create_app(settings)
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, finish open requests, lifespan shutdown drains every
+    # batcher) and then re-raises the signal to the previous handler: this one makes a graceful stop exit 0
+    signal.signal(signal.SIGTERM, _exit_zero)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=uvicorn_log_config(settings.log_level, settings.log_json),
+        access_log=False,  # the app logs one JSON line per request, with its request id
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The service's exceptions and the ``application/problem+json`` (RFC 9457) error body.
+
+Routes and helpers raise these; the ONE exception -> status table lives in :func:`service.app.create_app`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    """Base class: the message is the problem's ``detail``; ``headers`` are added to the response."""
+
+    title = "Service error"
+
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class ModelNotFoundError(ServiceError):
+    title = "Unknown model"
+
+
+class DetectorNotFoundError(ServiceError):
+    title = "Unknown detector"
+
+
+class InvalidNameError(ServiceError):
+    title = "Invalid name"
+
+
+class BadRequestError(ServiceError):
+    title = "Bad request"
+
+
+class WrongTaskError(ServiceError):
+    """The route does not apply to the model's task (e.g. ``/segment`` on a classifier)."""
+
+    title = "Route not available for this model"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    title = "Unsupported media type"
+
+
+class PayloadTooLargeError(ServiceError):
+    title = "Payload too large"
+
+
+class TooManyImagesError(ServiceError):
+    title = "Too many images"
+
+
+class ImageTooLargeError(ServiceError):
+    title = "Image too large"
+
+
+class ImageDecodeError(ServiceError):
+    title = "Undecodable image"
+
+
+class UnservableDetectorError(ServiceError):
+    """A detector class the service cannot run for this model (input kind, task)."""
+
+    title = "Detector cannot be served"
+
+
+class AuthenticationRequiredError(ServiceError):
+    title = "Authentication required"
+
+    def __init__(self, detail: str = "missing API key: send 'Authorization: Bearer <key>'") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ForbiddenError(ServiceError):
+    title = "Forbidden"
+
+
+class NotReadyError(ServiceError):
+    title = "Service not ready"
+
+    def __init__(self, detail: str = "the service is warming up", retry_after_s: float = 1.0) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    instance: str,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    """A problem+json response: ``{"type", "title", "status", "detail", "instance", "request_id"}``."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)

@@ -1,0 +1,113 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.runtime import ServedModel
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SCORE_BUCKETS = (-1000, -100, -50, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100, 1000)
+P_VALUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class _LiveCollector(Collector):
+    """Queue depth and active state versions, read from the models at scrape time."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("ood_queue_depth", "Images waiting in the model's batch queue", labels=["model"])
+        states = GaugeMetricFamily(
+            "ood_detector_state_info",
+            "Active detector state (value 1) with its version and sha256",
+            labels=["model", "detector", "detector_class", "version", "sha256"],
+        )
+        for model in self._models():
+            batcher = model.batcher
+            depth.add_metric([model.name], float(batcher.queue_depth if batcher is not None else 0))
+            for name, active in sorted(model.detectors.items()):
+                stored = active.stored
+                states.add_metric([model.name, name, stored.detector_class, str(stored.version), stored.sha256], 1.0)
+        yield depth
+        yield states
+
+
+class ServiceMetrics:
+    """All metrics; also the batchers' :class:`~service.batcher.BatchObserver`."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "ood_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "ood_http_request_duration_seconds",
+            "HTTP request latency by route and status",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ood_batch_size", "Images per model forward", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "ood_queue_wait_seconds",
+            "Time an image waited before its batch ran",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "ood_batch_compute_seconds",
+            "Forward + detectors time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("ood_images_scored", "Images scored", ["model", "route"], registry=r)
+        self.verdicts = Counter(
+            "ood_verdicts", "OOD verdicts by detector", ["model", "detector", "verdict"], registry=r
+        )
+        self.scores = Histogram(
+            "ood_score",
+            "Outlier scores per detector, for drift (segmentation: the per-image maximum)",
+            ["model", "detector"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.p_values = Histogram(
+            "ood_p_value",
+            "Conformal p-values per detector: uniform while inputs look like the calibration data",
+            ["model", "detector"],
+            buckets=P_VALUE_BUCKETS,
+            registry=r,
+        )
+        r.register(_LiveCollector(models))
+
+    def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None:
+        self.batch_size.labels(name).observe(size)
+        wait = self.queue_wait.labels(name)
+        for seconds in queue_wait_s:
+            wait.observe(seconds)
+        self.compute.labels(name).observe(compute_s)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route, str(status)).observe(seconds)
+
+    def observe_score(
+        self, model: str, detector: str, score: float, is_ood: bool | None, p_value: float | None
+    ) -> None:
+        self.scores.labels(model, detector).observe(score)
+        if is_ood is not None:
+            self.verdicts.labels(model, detector, "ood" if is_ood else "id").inc()
+        if p_value is not None:
+            self.p_values.labels(model, detector).observe(p_value)

@@ -1,0 +1,218 @@
+"""Service configuration: pydantic-settings with the ``OOD_`` prefix plus an optional YAML/JSON file.
+
+Precedence (highest first): arguments to :func:`load_settings`, environment variables (``OOD_...``), the config
+file (``--config`` or ``OOD_CONFIG``), defaults. Nothing is read at import; :func:`load_settings` reads when the
+app is created. With no ``models`` configured the embedded digits demo is served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Model and detector names: letters, digits, ``_ . -``, not starting with a dot (no path traversal)."""
+
+Size = tuple[int, int]
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(NAME_PATTERN.match(name)) and ".." not in name
+
+
+def _size(value: Any) -> Any:
+    return (value, value) if isinstance(value, int) else value
+
+
+class PreprocessConfig(BaseModel):
+    """Image -> network input: convert to ``mode``, resize, center-crop, scale to [0, 1], ``(x - mean) / std``."""
+
+    mode: Literal["L", "RGB"] = "RGB"
+    resize: Size | None = None
+    """Resize to (height, width) before cropping; ``None``: resize straight to the model's input size."""
+    crop: Size | None = None
+    """Center crop (height, width) after resizing; ``None``: no crop."""
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    _coerce = field_validator("resize", "crop", mode="before")(_size)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        channels = 1 if self.mode == "L" else 3
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) not in (1, channels):
+                raise ValueError(f"{key} needs 1 or {channels} values for mode {self.mode}, got {len(values)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class NodesConfig(BaseModel):
+    """Graph nodes (``torchvision.models.feature_extraction`` names) giving each network output."""
+
+    logits: str
+    features: str | None = None
+    feature_maps: str | None = None
+
+
+class HeadsConfig(BaseModel):
+    """Submodule names chained to map features / feature maps to logits (detectors such as ReAct need them);
+    a 4-D tensor is flattened before an ``nn.Linear``."""
+
+    features: list[str] = Field(default_factory=list)
+    feature_maps: list[str] = Field(default_factory=list)
+
+
+class ModelConfig(BaseModel):
+    """One served network."""
+
+    name: str
+    source: Literal["zoo", "torchvision"] = "torchvision"
+    architecture: str
+    """``digits-classifier`` / ``digits-segmenter`` for the zoo; a torchvision builder name otherwise."""
+    weights: Path | None = None
+    """safetensors file with the network's ``state_dict`` (zoo: default shipped weights when omitted)."""
+    task: Literal["classification", "segmentation"] = "classification"
+    num_classes: int = Field(gt=0)
+    labels: list[str] | None = None
+    input_size: Size
+    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    nodes: NodesConfig
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    device: str | None = None
+    autocast: bool | None = None
+    max_batch_size: int | None = Field(default=None, gt=0)
+    max_wait_ms: float | None = Field(default=None, ge=0)
+
+    _coerce = field_validator("input_size", mode="before")(_size)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"invalid model name {value!r}: use letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _labels(self) -> ModelConfig:
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels given for {self.num_classes} classes")
+        return self
+
+    @property
+    def class_labels(self) -> list[str]:
+        return self.labels if self.labels is not None else [str(i) for i in range(self.num_classes)]
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ood-serve" / "states"
+
+
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("ood_config_file_values", default=None)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the YAML/JSON config file chosen in :func:`load_settings`."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_FILE_VALUES.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get() or {})  # unknown keys fail validation (extra="forbid"): typos are errors
+
+
+class Settings(BaseSettings):
+    """Every knob of the service (environment: ``OOD_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="OOD_", extra="forbid")
+
+    models: list[ModelConfig] = Field(default_factory=list)
+    """Served networks; empty: the embedded digits demo."""
+    state_dir: Path = Field(default_factory=default_state_dir)
+    device: str | None = None
+    """``cuda``, ``cuda:1``, ``cpu``...; default CUDA when present."""
+    autocast: bool = False
+    max_batch_size: int = Field(default=32, gt=0)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue: int = Field(default=1024, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    api_keys: str | None = None
+    """Comma-separated API keys (``Authorization: Bearer KEY``)."""
+    api_keys_file: Path | None = None
+    """File with one API key per line (blank lines and ``#`` comments ignored)."""
+    require_auth_for_read: bool = False
+    max_body_mb: float = Field(default=32.0, gt=0)
+    max_images_per_request: int = Field(default=64, gt=0)
+    max_pixels: int = Field(default=25_000_000, gt=0)
+    """Refuse an image whose header announces more pixels than this, before decoding it."""
+    max_fit_images: int = Field(default=5000, gt=0)
+    """Images per ``/fit`` request."""
+    fit_calibration_share: float = Field(default=0.2, gt=0, lt=1)
+    """Default share of the ``/fit`` ID images held out for calibration."""
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _images_fit_queue(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue ({self.max_queue}): "
+                "such a request could never be admitted"
+            )
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a ``.yaml`` / ``.yml`` / ``.json`` config file into a dict."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``overrides``, the environment and the config file (``OOD_CONFIG`` if
+    ``config_file`` is not given)."""
+    path = config_file if config_file is not None else os.environ.get("OOD_CONFIG") or None
+    token = _FILE_VALUES.set(read_config_file(path) if path else {})
+    try:
+        return Settings(**overrides)
+    finally:
+        _FILE_VALUES.reset(token)

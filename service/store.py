@@ -1,0 +1,130 @@
+"""Detector states on disk: ``<state_dir>/<model>/<detector>/v<N>.safetensors`` plus ``active.json``.
+
+A write stores the new version atomically (temporary file, fsync, rename) and then atomically replaces
+``active.json`` (the commit point), keeping the previous version's file. ``active.json`` records the version,
+sha256, size, detector class and upload time; loading checks the sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ood_core.state import write_atomic
+from service.errors import DetectorNotFoundError, InvalidNameError
+from service.settings import is_valid_name
+
+ACTIVE = "active.json"
+_VERSION_FILE = re.compile(r"^v(\d+)\.safetensors$")
+KEEP_VERSIONS = 2
+"""The active version and the previous one."""
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """Description of the active version of one detector state."""
+
+    model: str
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    detector_class: str
+    uploaded_at: str
+
+    def public(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+def check_name(kind: str, name: str) -> str:
+    """Raise :class:`InvalidNameError` unless ``name`` is a safe path component."""
+    if not is_valid_name(name):
+        raise InvalidNameError(
+            f"invalid {kind} name {name!r}: 1-64 characters of letters, digits, '_', '.', '-', not starting with "
+            "'.' and without '..'"
+        )
+    return name
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class StateStore:
+    """Versioned, atomically written detector states of every model under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    def _dir(self, model: str, name: str) -> Path:
+        return self.root / check_name("model", model) / check_name("detector", name)
+
+    def list_states(self, model: str) -> list[StoredState]:
+        base = self.root / check_name("model", model)
+        if not base.is_dir():
+            return []
+        states = []
+        for child in sorted(base.iterdir()):
+            if child.is_dir() and is_valid_name(child.name) and (child / ACTIVE).is_file():
+                states.append(self.info(model, child.name))
+        return states
+
+    def info(self, model: str, name: str) -> StoredState:
+        path = self._dir(model, name) / ACTIVE
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}") from None
+        return StoredState(model=model, name=name, **meta)
+
+    def read(self, model: str, name: str) -> tuple[StoredState, bytes]:
+        """The active version's bytes; raises ``ValueError`` if the file does not match its sha256."""
+        info = self.info(model, name)
+        data = (self._dir(model, name) / f"v{info.version}.safetensors").read_bytes()
+        if sha256_hex(data) != info.sha256:
+            raise ValueError(f"stored state {model}/{name} v{info.version} does not match its sha256")
+        return info, data
+
+    def _versions(self, folder: Path) -> list[int]:
+        found = (_VERSION_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else iter(())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def put(self, model: str, name: str, data: bytes, detector_class: str) -> StoredState:
+        """Store ``data`` as the next version and make it active; keep the previous version."""
+        folder = self._dir(model, name)
+        with self._lock:
+            folder.mkdir(parents=True, exist_ok=True)
+            version = max(self._versions(folder), default=0) + 1
+            write_atomic(folder / f"v{version}.safetensors", data)
+            info = StoredState(
+                model=model,
+                name=name,
+                version=version,
+                sha256=sha256_hex(data),
+                size_bytes=len(data),
+                detector_class=detector_class,
+                uploaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            meta = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
+            write_atomic(folder / ACTIVE, json.dumps(meta, indent=1).encode())
+            for old in self._versions(folder)[:-KEEP_VERSIONS]:
+                (folder / f"v{old}.safetensors").unlink(missing_ok=True)
+        return info
+
+    def delete(self, model: str, name: str) -> None:
+        """Remove the detector with all its versions (renamed away first, so the removal is atomic)."""
+        folder = self._dir(model, name)
+        with self._lock:
+            if not (folder / ACTIVE).is_file():
+                raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}")
+            trash = folder.with_name(f".deleted-{name}-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Shared fixtures for the service tests.
+
+* ``demo_state_dir`` (session): a folder with the demo's detector states, fitted once per test session.
+* ``make_settings`` (function): ``make_settings(**overrides) -> Settings`` with a fresh copy of those states,
+  ``API_KEY`` as the only key and no config file.
+* ``start_app(settings) -> AppRunner``: the app with its lifespan running on a background event loop, plus a
+  synchronous ``httpx.AsyncClient`` bridge over ``ASGITransport`` (in-process); close with ``runner.close()``.
+* ``live_server`` (module): base URL of a real uvicorn server (127.0.0.1, free port) serving the demo.
+* ``png_bytes(array)``: encode a ``H x W`` / ``H x W x 3`` uint8 array as PNG; ``digit_png()`` / ``noise_png()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings, load_settings
+
+API_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+T = TypeVar("T")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digit_png(index: int = 0, split: str = "test") -> bytes:
+    """An ID test digit (0-5) as an 8-bit grayscale 32x32 PNG."""
+    from ood_core.data import load_split
+
+    images, _ = load_split(split)
+    return png_bytes((images[index, 0].numpy() * 255).round().astype(np.uint8))
+
+
+def noise_png(seed: int = 0, size: int = 32) -> bytes:
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8))
+
+
+class AppRunner:
+    """Runs the app's lifespan on an event loop in a background thread; ``call`` runs a coroutine there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.context = self.app.state.context
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.call(self._lifespan.__aenter__())
+        try:
+            self.call(self.context.wait_ready(120.0))
+        except BaseException:
+            self.call(self._lifespan.__aexit__(None, None, None))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://service")
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self.call(self.client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+    def close(self) -> None:
+        self.call(self.client.aclose())
+        self.call(self._lifespan.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def demo_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo detector states fitted once (the first app start writes them; later starts only load)."""
+    folder = tmp_path_factory.mktemp("demo-states")
+    runner = AppRunner(load_settings(state_dir=folder, api_keys=API_KEY))
+    runner.close()
+    return folder
+
+
+@pytest.fixture
+def make_settings(demo_state_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        states = tmp_path / f"states-{time.monotonic_ns()}"
+        shutil.copytree(demo_state_dir, states)
+        values: dict[str, Any] = {"state_dir": states, "api_keys": API_KEY}
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def module_settings(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Demo settings with a private copy of the states, shared by one test module."""
+    states = tmp_path_factory.mktemp("states")
+    shutil.copytree(demo_state_dir, states, dirs_exist_ok=True)
+    return load_settings(state_dir=states, api_keys=API_KEY)
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def live_server(module_settings: Settings) -> Iterator[str]:
+    """A real uvicorn server with the demo on 127.0.0.1 (free port); yields its base URL once ready."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(module_settings), log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        server.should_exit = True
+        pytest.fail("live server did not become ready")
+    yield url
+    server.should_exit = True
+    thread.join(30)
+    sock.close()

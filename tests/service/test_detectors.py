@@ -1,0 +1,254 @@
+"""Detector states over the API: upload -> score -> download -> delete, validation before the swap, versions,
+persistence across restarts, zero-downtime swaps, the /fit route and auth on every write (in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ood_core.calibration import Calibration
+from ood_core.detector import KNN, ODIN, EnergyBased, Mahalanobis
+from ood_core.state import save_detector
+from service.settings import Settings
+from tests.service.conftest import API_KEY, AUTH, AppRunner, digit_png, noise_png
+
+pytestmark = pytest.mark.timeout(180)
+STATE = {"Content-Type": "application/octet-stream"}
+WRITE = {**AUTH, **STATE}
+
+
+@pytest.fixture(scope="module")
+def app(module_settings: Settings) -> Iterator[AppRunner]:
+    runner = AppRunner(module_settings)
+    yield runner
+    runner.close()
+
+
+def energy_state(t: float, calibrated: bool = False) -> bytes:
+    detector = EnergyBased(t=t)
+    calibration = Calibration.from_scores(torch.linspace(-10.0, 0.0, 101)) if calibrated else None
+    return save_detector(detector, calibration=calibration)
+
+
+def mahalanobis_state(dim: int, classes: int) -> bytes:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(60, dim, generator=generator)
+    labels = torch.arange(60) % classes
+    return save_detector(Mahalanobis().fit_features(features, labels))
+
+
+def score_of(app: AppRunner, name: str, png: bytes, query: str = "") -> dict:
+    response = app.post(f"/v1/models/digits/score?detectors={name}{query}", files=[("files", ("x.png", png))])
+    assert response.status_code == 200, response.text
+    return response.json()["results"][0]["detectors"][name]
+
+
+def test_upload_score_download_delete(app: AppRunner) -> None:
+    data = energy_state(2.0)
+    created = app.put("/v1/models/digits/detectors/energy-t2", content=data, headers=WRITE)
+    assert created.status_code == 201, created.text
+    info = created.json()
+    assert info["version"] == 1 and info["detector_class"] == "EnergyBased" and info["calibrated"] is False
+    assert info["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+
+    png = digit_png(2)
+    t1, t2 = score_of(app, "energy", png), score_of(app, "energy-t2", png)
+    assert t2["score"] != pytest.approx(t1["score"])  # the new state's temperature is used
+    assert t2["threshold"] is None and t2["is_ood"] is None and t2["p_value"] is None  # no calibration
+    forced = score_of(app, "energy-t2", png, f"&threshold={t2['score'] - 1}")
+    assert forced["threshold"] == pytest.approx(t2["score"] - 1) and forced["is_ood"] is True
+
+    download = app.get("/v1/models/digits/detectors/energy-t2")
+    assert download.status_code == 200 and download.content == data
+    assert download.headers["etag"] == f'"{info["sha256"]}"'
+
+    listed = [d["name"] for d in app.get("/v1/models/digits/detectors").json()["detectors"]]
+    assert "energy-t2" in listed
+    assert app.delete("/v1/models/digits/detectors/energy-t2", headers=AUTH).status_code == 204
+    assert app.get("/v1/models/digits/detectors/energy-t2").status_code == 404
+    assert app.delete("/v1/models/digits/detectors/energy-t2", headers=AUTH).status_code == 404
+    assert app.post("/v1/models/digits/score?detectors=energy-t2", files=[("files", ("x", png))]).status_code == 404
+    assert "energy-t2" not in app.get("/v1/models/digits").json()["detectors"]
+
+
+def test_replacing_bumps_the_version_and_keeps_the_previous_file(app: AppRunner) -> None:
+    url = "/v1/models/digits/detectors/swap"
+    assert app.put(url, content=energy_state(1.0), headers=WRITE).status_code == 201
+    replaced = app.put(url, content=energy_state(3.0, calibrated=True), headers=WRITE)
+    assert replaced.status_code == 200 and replaced.json()["version"] == 2
+    folder = Path(app.context.settings.state_dir) / "digits" / "swap"
+    assert sorted(p.name for p in folder.glob("v*.safetensors")) == ["v1.safetensors", "v2.safetensors"]
+    assert score_of(app, "swap", digit_png(0))["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("make_state", "reason"),
+    [
+        (lambda: b"not a safetensors file", "truncated"),
+        (lambda: mahalanobis_state(dim=16, classes=6), "dimension 16"),
+        (lambda: mahalanobis_state(dim=64, classes=3), "3 classes"),
+        (lambda: save_detector(ODIN()), "input_kind 'input'"),
+        (lambda: energy_state(1.0)[:-3], "truncated"),
+    ],
+)
+def test_rejected_upload_leaves_the_active_state(app: AppRunner, make_state: Callable[[], bytes], reason: str) -> None:
+    before = app.get("/v1/models/digits/detectors/mahalanobis")
+    scored = score_of(app, "mahalanobis", digit_png(4))
+    response = app.put("/v1/models/digits/detectors/mahalanobis", content=make_state(), headers=WRITE)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert reason in response.json()["detail"]
+    assert app.get("/v1/models/digits/detectors/mahalanobis").content == before.content
+    assert score_of(app, "mahalanobis", digit_png(4)) == scored
+
+
+def test_segmentation_model_refuses_detectors_without_pixel_scores(app: AppRunner) -> None:
+    knn = KNN(k=1).fit_features(torch.randn(10, 48), torch.arange(10) % 6)
+    response = app.put("/v1/models/digits-seg/detectors/knn", content=save_detector(knn), headers=WRITE)
+    assert response.status_code == 422 and "segmentation" in response.json()["detail"]
+
+
+def test_upload_as_multipart_and_wrong_content_type(app: AppRunner) -> None:
+    url = "/v1/models/digits/detectors/multi"
+    response = app.put(url, files={"file": ("s.safetensors", energy_state(1.5))}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert app.put(url, content=b"{}", headers={**AUTH, "Content-Type": "application/json"}).status_code == 415
+
+
+@pytest.mark.parametrize("name", [".hidden", "a..b", "x" * 65, "sp ace"])
+def test_invalid_detector_names(app: AppRunner, name: str) -> None:
+    response = app.put(f"/v1/models/digits/detectors/{name}", content=energy_state(1.0), headers=WRITE)
+    assert response.status_code == 422, response.text
+    assert "invalid detector name" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/models/digits/detectors/auth"),
+        ("DELETE", "/v1/models/digits/detectors/mahalanobis"),
+        ("POST", "/v1/models/digits/detectors/auth/fit"),
+    ],
+)
+def test_every_write_needs_a_valid_key(app: AppRunner, method: str, path: str) -> None:
+    missing = app.request(method, path, content=energy_state(1.0), headers=STATE)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    wrong = app.request(method, path, content=energy_state(1.0), headers={**STATE, "Authorization": "Bearer nope"})
+    assert wrong.status_code == 403
+    basic = app.request(method, path, content=energy_state(1.0), headers={**STATE, "Authorization": f"Basic {API_KEY}"})
+    assert basic.status_code == 401
+    assert "mahalanobis" in app.get("/v1/models/digits").json()["detectors"]
+
+
+def test_swap_under_load_fails_no_request(app: AppRunner) -> None:
+    url = "/v1/models/digits/detectors/hot"
+    assert app.put(url, content=energy_state(1.0), headers=WRITE).status_code == 201
+    png = noise_png(3)
+
+    async def traffic() -> list[int]:
+        async def one() -> int:
+            r = await app.client.post("/v1/models/digits/score?detectors=hot", files=[("files", ("n", png))])
+            return r.status_code
+
+        async def swaps() -> list[int]:
+            codes = []
+            for t in (2.0, 3.0, 4.0):
+                r = await app.client.put(url, content=energy_state(t), headers=WRITE)
+                codes.append(r.status_code)
+            return codes
+
+        scored, swapped = await asyncio.gather(asyncio.gather(*(one() for _ in range(60))), swaps())
+        return [*scored, *swapped]
+
+    codes = app.call(traffic())
+    assert codes[:60] == [200] * 60
+    assert codes[60:] == [200, 200, 200]
+    assert app.get("/v1/models/digits/detectors").json()["detectors"][0]["name"] == "energy"
+    assert score_of(app, "hot", png)["version"] == 4
+
+
+def test_fit_route_fits_calibrates_and_stores(app: AppRunner) -> None:
+    from ood_core.data import load_split
+
+    images, labels = load_split("train")
+    pick = torch.arange(0, 240)
+    instances = [
+        {"b64": base64.b64encode(digit_png(int(i), split="train")).decode(), "label": int(labels[i])} for i in pick
+    ]
+    body = {"detector_class": "Mahalanobis", "hparams": {"eps": 0.0}, "calibration_share": 0.25, "instances": instances}
+    assert app.post("/v1/models/digits/detectors/fitted/fit", json=body).status_code == 401
+    response = app.post("/v1/models/digits/detectors/fitted/fit", json=body, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert response.json()["calibrated"] is True and response.json()["detector_class"] == "Mahalanobis"
+    digit, noise = score_of(app, "fitted", digit_png(0)), score_of(app, "fitted", noise_png(5))
+    assert digit["score"] < noise["score"] and noise["is_ood"] is True
+    bad = {**body, "detector_class": "NoSuchDetector"}
+    assert app.post("/v1/models/digits/detectors/fitted2/fit", json=bad, headers=AUTH).status_code == 400
+    odin = {**body, "detector_class": "ODIN"}
+    assert app.post("/v1/models/digits/detectors/fitted2/fit", json=odin, headers=AUTH).status_code == 422
+
+
+def test_fit_route_multipart(app: AppRunner) -> None:
+    files = [("files", (f"{i}.png", digit_png(i, split="train"))) for i in range(24)]
+    from ood_core.data import load_split
+
+    _, labels = load_split("train")
+    data = {
+        "detector_class": "KNN",
+        "hparams": json.dumps({"k": 2}),
+        "labels": ",".join(str(int(v)) for v in labels[:24]),
+    }
+    response = app.post("/v1/models/digits/detectors/knn-small/fit", files=files, data=data, headers=AUTH)
+    assert response.status_code == 201, response.text
+    wrong = {**data, "labels": "1,2"}
+    assert app.post("/v1/models/digits/detectors/knn-x/fit", files=files, data=wrong, headers=AUTH).status_code == 400
+
+
+def test_states_survive_a_restart_and_read_auth(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    first = AppRunner(settings)
+    try:
+        assert (
+            first.put("/v1/models/digits/detectors/kept", content=energy_state(5.0), headers=WRITE).status_code == 201
+        )
+        assert first.delete("/v1/models/digits/detectors/msp", headers=AUTH).status_code == 204
+    finally:
+        first.close()
+    second = AppRunner(settings.model_copy(update={"require_auth_for_read": True}))
+    try:
+        assert second.get("/v1/models/digits").status_code == 401
+        assert second.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert second.get("/healthz").status_code == 200  # probes stay open
+        detectors = second.get("/v1/models/digits", headers=AUTH).json()["detectors"]
+        assert "kept" in detectors and "msp" not in detectors
+        files = [("files", ("d", digit_png(0)))]
+        assert second.post("/v1/models/digits/score", files=files).status_code == 401
+        assert second.post("/v1/models/digits/score", files=files, headers=AUTH).status_code == 200
+    finally:
+        second.close()
+
+
+def test_fit_route_calibrates_a_segmentation_detector(app: AppRunner) -> None:
+    from ood_core.data import make_mosaics
+    from tests.service.conftest import png_bytes
+
+    mosaics, _ = make_mosaics(10, ood_share=0.0, split="calibration")
+    files = [
+        ("files", (f"{i}.png", png_bytes((m[0].numpy() * 255).round().astype("uint8")))) for i, m in enumerate(mosaics)
+    ]
+    data = {"detector_class": "MaxLogit", "labels": ",".join("0" * 10), "calibration_share": "0.5"}
+    response = app.post("/v1/models/digits-seg/detectors/maxlogit-cal/fit", files=files, data=data, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert response.json()["calibrated"] is True
+    segmented = app.post("/v1/models/digits-seg/segment?detectors=maxlogit-cal&format=npy", files=files[:1]).json()
+    verdict = segmented["results"][0]["detectors"]["maxlogit-cal"]
+    assert verdict["threshold"] is not None and 0.0 <= verdict["ood_share"] < 0.5
+    knn = {**data, "detector_class": "KNN"}
+    refused = app.post("/v1/models/digits-seg/detectors/knn-seg/fit", files=files, data=knn, headers=AUTH)
+    assert refused.status_code == 422 and "segmentation" in refused.json()["detail"]

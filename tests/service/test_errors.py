@@ -1,0 +1,152 @@
+"""Every error case answers application/problem+json with the documented status (in-process, tight limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import numpy as np
+import pytest
+
+from service.settings import ModelConfig, NodesConfig, Settings
+from tests.service.conftest import AppRunner, digit_png, noise_png, png_bytes
+
+pytestmark = pytest.mark.timeout(120)
+SCORE = "/v1/models/digits/score"
+
+
+@pytest.fixture(scope="module")
+def app(module_settings: Settings) -> Iterator[AppRunner]:
+    limited = module_settings.model_copy(
+        update={"max_body_mb": 0.05, "max_images_per_request": 2, "max_pixels": 64 * 64, "max_queue": 2}
+    )
+    runner = AppRunner(limited)
+    yield runner
+    runner.close()
+
+
+def assert_problem(response, status: int, *words: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["instance"]
+    for word in words:
+        assert word in body["detail"], body["detail"]
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width x height`` (its pixel data could never be decoded to that)."""
+    data = bytearray(png_bytes(np.zeros((1, 1), dtype=np.uint8)))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_wrong_content_type_is_415(app: AppRunner) -> None:
+    assert_problem(app.post(SCORE, content=b"hello", headers={"Content-Type": "text/plain"}), 415, "text/plain")
+    assert_problem(app.post(SCORE, content=b"hello"), 415)
+
+
+def test_too_many_images_is_413(app: AppRunner) -> None:
+    files = [("files", (str(i), digit_png(i))) for i in range(3)]
+    assert_problem(app.post(SCORE, files=files), 413, "3 images", "limit is 2")
+
+
+def test_oversized_body_is_413_with_and_without_content_length(app: AppRunner) -> None:
+    big = b"\0" * 80_000
+    assert_problem(app.post(SCORE, files=[("files", ("big.png", big))]), 413, "exceeds the limit")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 10_000
+
+    headers = {"Content-Type": "application/json"}
+    assert_problem(app.post(SCORE, content=chunks(), headers=headers), 413, "exceeds the limit")
+
+
+def test_image_with_too_many_pixels_is_413_before_decoding(app: AppRunner) -> None:
+    bomb = png_claiming_size(100_000, 100_000)
+    assert_problem(app.post(SCORE, files=[("files", ("bomb.png", bomb))]), 413, "10000000000 pixels")
+    wide = png_bytes(np.zeros((65, 64), dtype=np.uint8))
+    assert_problem(app.post(SCORE, files=[("files", ("wide.png", wide))]), 413, "wide.png")
+
+
+def test_undecodable_images_are_422(app: AppRunner) -> None:
+    assert_problem(app.post(SCORE, files=[("files", ("junk.png", b"not an image"))]), 422, "junk.png")
+    truncated = noise_png(0)[:60]
+    assert_problem(app.post(SCORE, files=[("files", ("cut.png", truncated))]), 422, "cut.png")
+    assert_problem(app.post(SCORE, json={"instances": [{"b64": "@@@"}]}), 422, "instances[0]")
+    junk = base64.b64encode(b"zzz").decode()
+    assert_problem(app.post(SCORE, json={"instances": [{"b64": junk}]}), 422, "instances[0]")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"content": b"{", "headers": {"Content-Type": "application/json"}}, ("not valid JSON",)),
+        ({"json": {"images": []}}, ("instances",)),
+        ({"json": {"instances": []}}, ("no images",)),
+        ({"files": [("other", ("a.png", b"x"))]}, ("no images",)),
+    ],
+)
+def test_malformed_requests_are_400(app: AppRunner, kwargs: dict, words: tuple[str, ...]) -> None:
+    assert_problem(app.post(SCORE, **kwargs), 400, *words)
+
+
+def test_unknown_routes_and_methods(app: AppRunner) -> None:
+    assert_problem(app.get("/v2/nothing"), 404)
+    assert_problem(app.request("PATCH", "/v1/models"), 405)
+
+
+def test_full_queue_is_429_with_retry_after(app: AppRunner) -> None:
+    png = digit_png(0)
+
+    async def burst() -> list:
+        requests = [app.client.post(SCORE, files=[("files", ("a", png)), ("files", ("b", png))]) for _ in range(24)]
+        return await asyncio.gather(*requests)
+
+    responses = app.call(burst())
+    codes = sorted({r.status_code for r in responses})
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert_problem(refused, 429, "queue is full")
+
+
+def test_expired_request_is_504(make_settings: Callable[..., Settings]) -> None:
+    runner = AppRunner(make_settings(request_timeout_s=1e-6))
+    try:
+        assert_problem(runner.post(SCORE, files=[("files", ("a", digit_png(0)))]), 504)
+    finally:
+        runner.close()
+
+
+def test_failed_start_up_is_not_ready(make_settings: Callable[..., Settings]) -> None:
+    broken = ModelConfig(
+        name="broken", architecture="resnet18", num_classes=3, input_size=(32, 32), nodes=NodesConfig(logits="fc")
+    )
+    settings = make_settings(models=[broken])
+    with pytest.raises(RuntimeError, match="safetensors"):
+        AppRunner(settings)
+
+
+def test_not_ready_before_start_up(module_settings: Settings) -> None:
+    """Without the lifespan having run, liveness answers but readiness and the API say 503."""
+    import httpx
+
+    from service.app import create_app
+
+    async def probe() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(module_settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            return [await client.get(p) for p in ("/healthz", "/readyz", "/v1/models", "/v1/models/digits")]
+
+    health, ready, models, model = asyncio.run(probe())
+    assert health.status_code == 200
+    for response in (ready, models, model):
+        assert_problem(response, 503, "warming up")
+        assert response.headers["retry-after"] == "1"

@@ -1,0 +1,178 @@
+"""Read routes in-process (httpx ASGITransport, lifespan running): models, scoring, segmentation, health, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.demo import DEFAULT_DETECTOR
+from service.settings import Settings
+from tests.service.conftest import AppRunner, digit_png, noise_png
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def app(module_settings: Settings) -> Iterator[AppRunner]:
+    runner = AppRunner(module_settings)
+    yield runner
+    runner.close()
+
+
+def test_health_and_readiness(app: AppRunner) -> None:
+    assert app.get("/healthz").json() == {"status": "ok"}
+    ready = app.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"] == ["digits", "digits-seg"]
+
+
+def test_models_list_and_one(app: AppRunner) -> None:
+    models = {m["name"]: m for m in app.get("/v1/models").json()["models"]}
+    assert models["digits"]["task"] == "classification"
+    assert models["digits"]["classes"] == ["0", "1", "2", "3", "4", "5"]
+    assert models["digits"]["input_size"] == [32, 32]
+    assert set(models["digits"]["detectors"]) >= {"mahalanobis", "knn", "msp", "energy"}
+    assert models["digits-seg"]["task"] == "segmentation"
+    assert models["digits-seg"]["device"] in ("cpu", "cuda", "cuda:0")
+    one = app.get("/v1/models/digits-seg")
+    assert one.json() == models["digits-seg"]
+
+
+def test_unknown_model_is_404_problem_json(app: AppRunner) -> None:
+    response = app.get("/v1/models/nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == 404 and "nope" in body["detail"] and body["instance"] == "/v1/models/nope"
+
+
+def test_id_digit_scores_lower_than_noise_and_predicts_its_class(app: AppRunner) -> None:
+    from ood_core.data import load_split
+
+    _, labels = load_split("test")
+    files = [("files", ("digit.png", digit_png(0), "image/png")), ("files", ("noise.png", noise_png(1), "image/png"))]
+    response = app.post("/v1/models/digits/score", files=files)
+    assert response.status_code == 200, response.text
+    digit, noise = response.json()["results"]
+    name = DEFAULT_DETECTOR["digits"]
+    assert digit["detectors"][name]["score"] < noise["detectors"][name]["score"]
+    assert digit["detectors"][name]["is_ood"] is False and noise["detectors"][name]["is_ood"] is True
+    assert noise["detectors"][name]["p_value"] < digit["detectors"][name]["p_value"]
+    assert digit["prediction"]["index"] == int(labels[0])
+    assert digit["prediction"]["label"] == str(int(labels[0]))
+    assert 0.0 < digit["prediction"]["probability"] <= 1.0
+
+
+def test_json_instances_give_the_same_scores_as_multipart(app: AppRunner) -> None:
+    png = digit_png(3)
+    multipart = app.post("/v1/models/digits/score", files=[("files", ("d.png", png))]).json()
+    instances = {"instances": [{"b64": base64.b64encode(png).decode()}]}
+    as_json = app.post("/v1/models/digits/score", json=instances).json()
+    assert as_json["results"][0]["detectors"].keys() == multipart["results"][0]["detectors"].keys()
+    for name, verdict in as_json["results"][0]["detectors"].items():
+        assert verdict["score"] == pytest.approx(multipart["results"][0]["detectors"][name]["score"], rel=1e-5)
+
+
+def test_results_keep_request_order(app: AppRunner) -> None:
+    pngs = [digit_png(i) for i in range(5)]
+    both = app.post("/v1/models/digits/score?detectors=knn", files=[("files", (f"{i}", p)) for i, p in enumerate(pngs)])
+    single = [app.post("/v1/models/digits/score?detectors=knn", files=[("files", ("x", p))]) for p in pngs]
+    got = [r["detectors"]["knn"]["score"] for r in both.json()["results"]]
+    want = [s.json()["results"][0]["detectors"]["knn"]["score"] for s in single]
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_detector_selection_and_threshold_overrides(app: AppRunner) -> None:
+    files = [("files", ("d.png", digit_png(1)))]
+    only = app.post("/v1/models/digits/score?detectors=msp,energy", files=files).json()["results"][0]["detectors"]
+    assert set(only) == {"msp", "energy"}
+    listed = {d["name"]: d for d in app.get("/v1/models/digits/detectors").json()["detectors"]}
+    assert only["msp"]["threshold"] == pytest.approx(listed["msp"]["default_threshold"])
+    score = only["msp"]["score"]
+    below = app.post(f"/v1/models/digits/score?detectors=msp&threshold={score - 1e-3}", files=files).json()
+    above = app.post(f"/v1/models/digits/score?detectors=msp&threshold={score + 1e-3}", files=files).json()
+    assert below["results"][0]["detectors"]["msp"]["is_ood"] is True
+    assert above["results"][0]["detectors"]["msp"]["is_ood"] is False
+    assert below["results"][0]["detectors"]["msp"]["threshold"] == pytest.approx(score - 1e-3)
+    low_tpr = app.post("/v1/models/digits/score?detectors=mahalanobis&tpr=0.5", files=files).json()
+    high_tpr = app.post("/v1/models/digits/score?detectors=mahalanobis&tpr=0.99", files=files).json()
+    assert (
+        low_tpr["results"][0]["detectors"]["mahalanobis"]["threshold"]
+        < high_tpr["results"][0]["detectors"]["mahalanobis"]["threshold"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("detectors=nope", 404), ("threshold=1&tpr=0.9", 400), ("tpr=1.5", 422), ("detectors=..%2Fx", 422)],
+)
+def test_bad_score_parameters(app: AppRunner, query: str, status: int) -> None:
+    response = app.post(f"/v1/models/digits/score?{query}", files=[("files", ("d.png", digit_png(0)))])
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["detail"]
+
+
+def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> None:
+    image = np.zeros((48, 40), dtype=np.uint8)
+    image[8:40, 4:36] = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    files = [("files", ("m.png", buffer.getvalue()))]
+    maps = {}
+    for fmt in ("json", "npy", "png"):
+        response = app.post(f"/v1/models/digits-seg/segment?format={fmt}&detectors=energy", files=files)
+        assert response.status_code == 200, response.text
+        result = response.json()["results"][0]
+        assert (result["height"], result["width"]) == (48, 40)
+        energy = result["detectors"]["energy"]
+        encoded = energy["map"]
+        if fmt == "json":
+            maps[fmt] = np.asarray(encoded["data"], dtype=np.float32)
+        elif fmt == "npy":
+            maps[fmt] = np.load(io.BytesIO(base64.b64decode(encoded["data"])), allow_pickle=False).astype(np.float32)
+        else:
+            png = Image.open(io.BytesIO(base64.b64decode(encoded["data"])))
+            levels = np.asarray(png).astype(np.float64)
+            assert levels.max() > 255  # 16-bit levels
+            maps[fmt] = (encoded["min"] + levels / 65535.0 * (encoded["max"] - encoded["min"])).astype(np.float32)
+        assert maps[fmt].shape == (48, 40)
+        assert energy["max_score"] == pytest.approx(float(maps["json"].max()), rel=1e-4, abs=1e-4)
+        share = float((maps["json"] > energy["threshold"]).mean())
+        assert energy["ood_share"] == pytest.approx(share)
+    span = float(maps["json"].max() - maps["json"].min())
+    assert np.abs(maps["npy"] - maps["json"]).max() < 0.01 * max(span, 1.0)
+    assert np.abs(maps["png"] - maps["json"]).max() < 1e-3 * max(span, 1.0)
+
+
+def test_routes_refuse_the_other_task(app: AppRunner) -> None:
+    files = [("files", ("d.png", digit_png(0)))]
+    assert app.post("/v1/models/digits/segment", files=files).status_code == 422
+    assert app.post("/v1/models/digits-seg/score", files=files).status_code == 422
+
+
+def test_request_id_is_echoed_or_generated(app: AppRunner) -> None:
+    assert app.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    generated = app.get("/v1/models/nope")
+    assert len(generated.headers["x-request-id"]) == 32
+    assert generated.json()["request_id"] == generated.headers["x-request-id"]
+
+
+def test_metrics_expose_requests_batches_scores_and_states(app: AppRunner) -> None:
+    app.post("/v1/models/digits/score", files=[("files", ("d.png", digit_png(0)))])
+    text = app.get("/metrics").text
+    assert 'ood_http_requests_total{method="POST",route="/v1/models/{model}/score",status="200"}' in text
+    assert "ood_http_request_duration_seconds_bucket" in text
+    assert 'ood_batch_size_count{model="digits"}' in text
+    assert 'ood_queue_wait_seconds_count{model="digits"}' in text
+    assert 'ood_batch_compute_seconds_count{model="digits"}' in text
+    assert 'ood_queue_depth{model="digits"} 0.0' in text
+    assert 'ood_images_scored_total{model="digits",route="score"}' in text
+    assert 'ood_verdicts_total{detector="mahalanobis",model="digits",verdict="id"}' in text
+    assert 'ood_score_bucket{detector="knn"' in text and 'ood_p_value_bucket{detector="knn"' in text
+    assert 'ood_detector_state_info{detector="mahalanobis",detector_class="Mahalanobis",model="digits"' in text
