@@ -1,0 +1,492 @@
+"""Closed-loop load benchmark of the scoring service: dynamic batching vs. no batching vs. in-process.
+
+For each model scenario (``demo``: the embedded digits classifier; ``resnet18``: torchvision resnet18 with random
+weights at 224x224, saved as safetensors into a temp dir and configured through the service's config file) and
+each concurrency level, ``N`` asyncio clients each send one request, wait for the answer and send the next
+(closed loop) against a real ``python -m service`` uvicorn process on a free loopback port:
+
+* (a) ``batched``: ``OOD_MAX_BATCH_SIZE=32``, ``OOD_MAX_WAIT_MS=5`` (the defaults);
+* (b) ``unbatched``: ``OOD_MAX_BATCH_SIZE=1``;
+* (c) ``inprocess``: the same model and detector states loaded in this process through the service's own code and
+  called with no HTTP and no queue, on batches of ``min(images in flight, 32)`` in one worker thread (the limit
+  the service can approach).
+
+Reported per cell: throughput (images/s), latency p50/p95/p99 (ms) and the mean batch size read from the
+service's ``/metrics`` batch-size histogram (``_sum / _count`` over the measured window). The machine may be shared:
+both servers run side by side and each cell is measured in ``--rounds`` interleaved slices (a, b, c, a, b, c, ...),
+so a burst of foreign load hits the three modes alike and their RATIOS stay meaningful; the 1-minute load average
+is recorded with every cell. Warm-up and window grow with the closed-loop cycle, and throughput is taken by Little's
+law (see :meth:`Slices.cell`). Writes JSON to ``bench/results/serve-<timestamp>.json`` and prints a Markdown
+table. Method and results: ``docs/benchmark-serve.md``. Usage::
+
+    python bench/serve.py                       # both scenarios, concurrency 1 8 64, >= 3 x 2 s per cell
+    python bench/serve.py --scenarios demo --duration 3 --concurrency 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+BATCH_SIZE_METRIC = "ood_batch_size"  # histogram family of service/metrics.py (images per model forward)
+
+
+@dataclass
+class Cell:
+    scenario: str
+    mode: str
+    concurrency: int
+    duration_s: float
+    images: int
+    errors: int
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch_size: float | None
+    counted_images_per_s: float = 0.0
+    """Completions inside the measured windows / their length (quantized by batch completions)."""
+    images_per_request: int = 1
+    load_average_1m: float = 0.0
+    """1-minute load average of the machine right after the cell (the machine is shared: read the numbers with it)"""
+
+
+@dataclass
+class Slices:
+    """Measurements of one cell, summed over its interleaved slices."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    images: int = 0
+    elapsed: float = 0.0
+    batch_sum: float = 0.0
+    batch_count: float = 0.0
+    outstanding_images: int = 0
+    """Images always in flight in a closed loop (clients x images per request); 0 for the in-process loop."""
+
+    def add(self, other: Slices) -> None:
+        self.outstanding_images = other.outstanding_images
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.images += other.images
+        self.elapsed += other.elapsed
+        self.batch_sum += other.batch_sum
+        self.batch_count += other.batch_count
+
+    def cell(self, scenario: str, mode: str, concurrency: int) -> Cell:
+        """Throughput of an HTTP cell by Little's law, ``X = images in flight / mean latency``: in a closed loop it
+        is exact, and unlike counting completions in a short window it is not quantized by batches that complete
+        32 images at once (resnet18 at concurrency 64 completes one batch every ~1.5 s)."""
+        ordered = sorted(self.latencies)
+        counted = self.images / self.elapsed if self.elapsed > 0 else 0.0
+        mean_latency = sum(ordered) / len(ordered) if ordered else 0.0
+        little = self.outstanding_images / mean_latency if self.outstanding_images and mean_latency > 0 else counted
+        return Cell(
+            scenario=scenario,
+            mode=mode,
+            concurrency=concurrency,
+            duration_s=round(self.elapsed, 3),
+            images=self.images,
+            errors=self.errors,
+            images_per_s=round(little, 2),
+            counted_images_per_s=round(counted, 2),
+            p50_ms=round(1000 * percentile(ordered, 50), 2),
+            p95_ms=round(1000 * percentile(ordered, 95), 2),
+            p99_ms=round(1000 * percentile(ordered, 99), 2),
+            mean_batch_size=round(self.batch_sum / self.batch_count, 2) if self.batch_count > 0 else None,
+            load_average_1m=round(os.getloadavg()[0], 2),
+        )
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (``q`` in [0, 100])."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+# ---------------------------------------------------------------------------------------------- server process
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``python -m service`` in a subprocess on a free loopback port; waits for ``/readyz``."""
+
+    def __init__(self, env: dict[str, str], config: Path | None, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
+        if config is not None:
+            command += ["--config", str(config)]
+        self.log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; log: {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"server not ready after {timeout_s} s; log: {self.log.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def batch_size_totals(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of the batch-size histogram over all label sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, count = 0.0, 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != BATCH_SIZE_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+    return total, count
+
+
+# ---------------------------------------------------------------------------------------------- HTTP load
+async def http_load(
+    url: str, model: str, image: bytes, concurrency: int, duration_s: float, warmup_s: float, images_per_request: int
+) -> Slices:
+    """One closed-loop slice: ``concurrency`` clients run for ``warmup_s + duration_s`` without pause; only
+    requests that COMPLETE inside the last ``duration_s`` count (so neither the ramp-up nor the drain at the end
+    biases the throughput); ``/metrics`` is scraped at both ends of that window.
+
+    Each virtual client has its own ``httpx.AsyncClient`` with one keep-alive connection: one shared pool of 64
+    connections cost httpx ~10 ms of CPU per request (its pool bookkeeping grows with the pool), which made the
+    load generator, not the server, the bottleneck."""
+    result = Slices(elapsed=duration_s, outstanding_images=concurrency * images_per_request)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) for _ in range(concurrency + 1)]
+    window_start = time.monotonic() + warmup_s  # after creating the clients (~10 ms each: an SSL context)
+    window_end = window_start + duration_s
+    files = [("files", (f"image{i}.png", image, "image/png")) for i in range(images_per_request)]
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < window_end:
+            began = time.monotonic()
+            try:
+                response = await client.post(f"/v1/models/{model}/score", files=files)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            done = time.monotonic()
+            if window_start <= done <= window_end:
+                if ok:
+                    result.latencies.append(done - began)
+                    result.images += images_per_request
+                else:
+                    result.errors += 1
+
+    async def scrape_at(moment: float, scraper: httpx.AsyncClient) -> tuple[float, float]:
+        await asyncio.sleep(max(0.0, moment - time.monotonic()))
+        return batch_size_totals((await scraper.get("/metrics")).text)
+
+    async def scrape_window(scraper: httpx.AsyncClient) -> tuple[tuple[float, float], tuple[float, float]]:
+        return await scrape_at(window_start, scraper), await scrape_at(window_end, scraper)
+
+    try:
+        scraper = asyncio.create_task(scrape_window(clients[-1]))
+        await asyncio.gather(*(client_loop(c) for c in clients[:-1]))
+        before, after = await scraper
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    result.batch_sum, result.batch_count = after[0] - before[0], after[1] - before[1]
+    return result
+
+
+def noise_png(size: tuple[int, int], channels: int) -> bytes:
+    """A random image of the model's input size, PNG-encoded (the service decodes and preprocesses it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (size[0], size[1]) if channels == 1 else (size[0], size[1], 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_for(info: dict[str, Any]) -> bytes:
+    size = info.get("input_size") or [224, 224]
+    height, width = (size[-2], size[-1]) if isinstance(size, list) else (size, size)
+    channels = size[0] if isinstance(size, list) and len(size) == 3 else 3
+    return noise_png((int(height), int(width)), int(channels))
+
+
+# ---------------------------------------------------------------------------------------------- in-process limit
+def inprocess_load(
+    score_batch: Callable[[int], object],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    max_batch_size: int,
+    images_per_request: int = 1,
+) -> Slices:
+    """Call the scoring path on batches of ``min(waiting images, max_batch_size)`` back to back (no HTTP, no
+    queue): the throughput limit. Latency is modelled as a closed loop with perfect batching: a request waits
+    ``ceil(waiting images / batch)`` batch times."""
+    waiting = concurrency * images_per_request
+    size = min(waiting, max_batch_size)
+    rounds = math.ceil(waiting / size)
+    stop_at = time.monotonic() + warmup_s
+    while time.monotonic() < stop_at:
+        score_batch(size)
+    result = Slices()
+    began = time.monotonic()
+    while time.monotonic() < began + duration_s:
+        start = time.monotonic()
+        score_batch(size)
+        result.latencies += [rounds * (time.monotonic() - start)] * max(1, size // images_per_request)
+        result.images += size
+        result.batch_sum += size
+        result.batch_count += 1
+    result.elapsed = time.monotonic() - began
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+def resnet18_config(workdir: Path, state_dir: Path) -> Path:
+    """Random-weight resnet18 (10 classes) saved as safetensors, plus a service config file serving it."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    network = torchvision.models.resnet18(num_classes=10).eval()
+    weights = workdir / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    config = {
+        "state_dir": str(state_dir),
+        "models": [
+            {
+                "name": "resnet18",
+                "source": "torchvision",
+                "architecture": "resnet18",
+                "weights": str(weights),
+                "num_classes": 10,
+                "input_size": [224, 224],
+                "preprocessing": {"mode": "RGB"},
+                "nodes": {"logits": "fc", "features": "flatten", "feature_maps": "layer4"},
+                "heads": {"features": ["fc"]},
+            }
+        ],
+    }
+    path = workdir / "resnet18.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+class InProcess:
+    """The served model and its active detectors loaded in this process through the service's own code (same
+    config, same state directory, same decode + preprocessing + forward + detectors), minus HTTP and the queue."""
+
+    def __init__(self, config: Path | None, state_dir: Path) -> None:
+        from service.demo import demo_model_configs
+        from service.registry import build_detector
+        from service.runtime import ActiveDetector, ServedModel
+        from service.settings import load_settings
+        from service.store import StateStore
+
+        self.settings = load_settings(config, state_dir=state_dir)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inprocess")
+        configs = self.settings.models or demo_model_configs()
+        self.model = ServedModel(next(c for c in configs if c.task == "classification"), self.settings)
+        store = StateStore(state_dir)
+        for stored in store.list_states(self.model.name):
+            _, data = store.read(self.model.name, stored.name)
+            active = ActiveDetector(stored.name, build_detector(self.model, data), stored)
+            self.model.detectors = {**self.model.detectors, stored.name: active}
+
+    def install_energy_state(self, images: int = 64) -> None:
+        """Calibrate an EnergyBased detector on random images and store it (for the random-weight resnet18)."""
+        import torch
+
+        from service.fitting import fit_state
+        from service.store import StateStore
+
+        pixels = list(torch.randint(0, 256, (images, 3, *self.model.config.input_size), dtype=torch.uint8))
+        outputs = self.model.forward_chunks(pixels, chunk=32)
+        data = fit_state(self.model, "EnergyBased", {}, outputs, None, outputs)
+        StateStore(self.settings.state_dir).put(self.model.name, "energy", data, "EnergyBased")
+
+    def batch_scorer(self, image: bytes) -> Callable[[int], object]:
+        from service.images import RawImage, decode_image
+        from service.scoring import ScoreItem, process_batch
+
+        model, max_pixels = self.model, self.settings.max_pixels
+        detectors = tuple(model.detectors[name] for name in sorted(model.detectors))
+
+        def score_batch(size: int) -> object:
+            pixels = [
+                model.preprocessor.pixels(decode_image(RawImage(image, "bench"), max_pixels)) for _ in range(size)
+            ]
+            return process_batch(model, [ScoreItem(p, detectors) for p in pixels])
+
+        return score_batch
+
+
+def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
+    state_dir = workdir / f"states-{scenario}"
+    config = resnet18_config(workdir, state_dir) if scenario == "resnet18" else None
+    if config is not None:  # the servers load this state at start-up, like any stored state
+        InProcess(config, state_dir).install_energy_state()
+    servers: dict[str, Server] = {}
+    try:
+        for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
+            env = {
+                "OOD_MAX_BATCH_SIZE": str(batch_size),
+                "OOD_MAX_WAIT_MS": str(args.max_wait_ms),
+                "OOD_STATE_DIR": str(state_dir),
+                "OOD_LOG_LEVEL": "WARNING",
+            }
+            servers[mode] = Server(env, config, workdir / f"{scenario}-{mode}.log")
+            servers[mode].wait_ready()  # one after the other: the first start fits the demo states once
+        models = httpx.get(f"{servers['batched'].url}/v1/models", timeout=10.0).json()["models"]
+        info = next(m for m in models if m["task"] == "classification")
+        print(f"# {scenario}: model {info['name']}, detectors {info['detectors']}", flush=True)
+        model, image = info["name"], image_for(info)
+        inprocess = InProcess(config, state_dir)
+        score_batch = inprocess.batch_scorer(image)
+        cells = []
+        for concurrency in args.concurrency:
+            waiting = concurrency * args.images_per_request
+            size = min(waiting, args.max_batch_size)
+            began = time.monotonic()
+            inprocess.worker.submit(score_batch, size).result()
+            cycle = math.ceil(waiting / size) * (time.monotonic() - began)  # ideal closed-loop latency
+            slice_s = max(args.duration / args.rounds, 2 * cycle)  # every client completes >= ~2 requests
+            warmup_s = max(args.warmup, 1.5 * cycle)  # queues reach steady state before measuring
+            totals = {mode: Slices() for mode in (*servers, "inprocess")}
+            for _ in range(args.rounds):
+                for mode, server in servers.items():
+                    load = http_load(server.url, model, image, concurrency, slice_s, warmup_s, args.images_per_request)
+                    totals[mode].add(asyncio.run(load))
+                totals["inprocess"].add(  # in one worker thread, like the service's batcher
+                    inprocess.worker.submit(
+                        inprocess_load,
+                        score_batch,
+                        concurrency,
+                        slice_s,
+                        args.warmup,
+                        args.max_batch_size,
+                        args.images_per_request,
+                    ).result()
+                )
+            for mode, total in totals.items():
+                cells.append(total.cell(scenario, mode, concurrency))
+                cells[-1].images_per_request = args.images_per_request
+                print(json.dumps(asdict(cells[-1])), flush=True)
+        return cells
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def markdown(cells: list[Cell]) -> str:
+    lines = [
+        "| scenario | mode | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch | errors | load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        batch = "" if c.mean_batch_size is None else f"{c.mean_batch_size:.1f}"
+        lines.append(
+            f"| {c.scenario} | {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} "
+            f"| {c.p99_ms:.1f} | {batch} | {c.errors} | {c.load_average_1m:.1f} |"
+        )
+    by_key = {(c.scenario, c.mode, c.concurrency): c.images_per_s for c in cells}
+    lines.append("")
+    for scenario, _, concurrency in sorted({(c.scenario, "", c.concurrency) for c in cells}):
+        a = by_key.get((scenario, "batched", concurrency))
+        b = by_key.get((scenario, "unbatched", concurrency))
+        limit = by_key.get((scenario, "inprocess", concurrency))
+        ratios = []
+        if a and b:
+            ratios.append(f"batched/unbatched = {a / b:.2f}x")
+        if a and limit:
+            ratios.append(f"batched/in-process = {a / limit:.2f}x")
+        lines.append(f"- {scenario} @ {concurrency}: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=["demo", "resnet18"], choices=["demo", "resnet18"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell (all rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved slices per cell")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each slice")
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/serve-*.json)")
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for the servers and this process ('' = leave unset); see docs/benchmark-serve.md",
+    )
+    args = parser.parse_args(argv)
+    if args.omp_wait_policy:  # must be set before torch (libgomp) is loaded: torch is imported lazily below
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    cells: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="ood-bench-serve-") as tmp:
+        for scenario in args.scenarios:
+            cells += run_scenario(scenario, args, Path(tmp))
+    out = args.out or RESULTS_DIR / f"serve-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv[1:],
+        "python": sys.version.split()[0],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    }
+    out.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2))
+    print(markdown(cells))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
