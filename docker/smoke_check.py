@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-EXPECTED_METRICS = ("ood_requests_total", "ood_batch_size", "ood_queue_depth", "ood_images_scored_total")
+EXPECTED_METRICS = ("ood_http_requests_total", "ood_batch_size_count", "ood_queue_depth", "ood_images_scored_total")
 
 
 def digit_png(index: int = 0) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,3 +131,47 @@ def test_compose_file_wires_service_prometheus_and_grafana() -> None:
     titles = " ".join(p["title"].lower() for p in panels)
     for word in ("request rate", "latency", "batch size", "queue depth", "ood rate", "score"):
         assert word in titles
+
+
+def _exported_metric_names() -> set[str]:
+    from service.metrics import ServiceMetrics
+
+    names: set[str] = set()
+    for family in ServiceMetrics(lambda: []).registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_dashboard_and_smoke_check_use_metrics_the_service_exports() -> None:
+    exported = _exported_metric_names()
+    dashboard = (ROOT / "deploy" / "grafana" / "ood-serve.json").read_text()
+    used = set(re.findall(r"\bood_[a-z_]+", dashboard)) - {"ood_serve"}
+    assert used, "the dashboard queries no ood_* metric"
+    assert used <= exported, f"dashboard queries unknown metrics: {sorted(used - exported)}"
+    smoke = (ROOT / "docker" / "smoke_check.py").read_text()
+    expected = set(re.findall(r'"(ood_[a-z_]+)"', smoke.split("EXPECTED_METRICS", 1)[1].split("\n", 1)[0]))
+    assert expected and expected <= exported, f"smoke check expects unknown metrics: {sorted(expected - exported)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_and_env_are_settings_the_service_accepts(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.settings import Settings, load_settings
+
+    docs = _build(overlay)
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    config = tmp_path / "config.yaml"
+    config.write_text(config_maps["ood-serve-config"]["data"]["config.yaml"])
+    container = _by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env.update(next(d for name, d in config_maps.items() if name.startswith("ood-serve-env"))["data"])
+    known = {f"OOD_{field.upper()}" for field in Settings.model_fields}
+    assert set(env) <= known, f"unknown settings in the manifests: {sorted(set(env) - known)}"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(config)
+    assert str(settings.state_dir) == "/var/lib/ood"
+    assert settings.device == ("cuda" if overlay == "gpu" else "cpu")
