@@ -8,8 +8,10 @@ From ID scores that were *not* used to fit the detector, :class:`Calibration` gi
   2023): ``p(s) = (1 + #{s_i >= s}) / (n + 1)``, valid under exchangeability of test and calibration scores.
 
 It stays compact: up to ``max_exact`` scores are kept sorted and exact; above that, a quantile sketch of
-``max_exact`` evenly spaced order statistics (with ``n``) is kept, and counts are interpolated linearly
-between them (error below ``n / max_exact`` in the count).
+``m = max_exact`` evenly spaced order statistics (with ``n``) is kept, and counts are interpolated linearly
+between them. Neighbouring sketch points are :math:`(n - 1) / (m - 1)` order statistics apart, so an
+interpolated count (hence :math:`(n + 1)` times a p-value) is off by at most about :math:`n / (m - 1) + 1`
+ranks, and the accepted share at :meth:`Calibration.threshold` by about :math:`1 / (m - 1) + 1 / n`.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ class Calibration:
         if self.is_exact:
             greater_equal = self.n - torch.searchsorted(self.quantiles, flat, right=False).to(torch.float64)
         else:
+            # sketch: #{s_i >= s} ~ n - #{s_i <= s}; the calibration scores tied at s are not told apart, an
+            # error within the sketch's rank bound (module docstring) for scores that are rarely tied
             greater_equal = self.n - self._count_below_or_equal(flat)
-            # scores strictly inside the sketch: count those equal to s as well (continuous approximation)
         return ((1.0 + greater_equal) / (self.n + 1.0)).reshape(s.shape)
 
     def threshold(self, tpr: float | None = None) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from ood_core.calibration import Calibration
 FORMAT = "ood-serve/detector-state"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: accepted ``library_version`` values (PEP 440-like: release numbers, optional suffix such as ``.dev1``)
+_VERSION = re.compile(r"\d+(\.\d+)*([.+-]?[0-9A-Za-z]+)*")
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 
@@ -150,11 +153,16 @@ def _parse(data: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
     return metadata, tensors
 
 
+def _reject_constant(name: str) -> Any:
+    raise InvalidStateError(f"non-finite number {name} in the state metadata")
+
+
 def _json_field(meta: dict[str, str], key: str) -> Any:
+    """Strict JSON of a metadata field: ``NaN`` and ``Infinity`` (which Python's json accepts) are rejected."""
     if key not in meta:
         raise InvalidStateError(f"state metadata lacks '{key}'")
     try:
-        return json.loads(meta[key])
+        return json.loads(meta[key], parse_constant=_reject_constant)
     except (TypeError, json.JSONDecodeError) as exc:
         raise InvalidStateError(f"state metadata '{key}' is not valid JSON") from exc
 
@@ -173,6 +181,9 @@ def _info(meta: dict[str, str]) -> StateInfo:
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
             raise InvalidStateError(f"state '{key}' must be a positive integer or null, got {val!r}")
         dims[key] = val
+    version = meta.get("library_version")
+    if not isinstance(version, str) or _VERSION.fullmatch(version) is None:
+        raise InvalidStateError(f"state 'library_version' must be a version string, got {version!r}")
     calib = _json_field(meta, "calibration") if "calibration" in meta else None
     return StateInfo(
         cls=str(meta.get("class")),
@@ -180,7 +191,7 @@ def _info(meta: dict[str, str]) -> StateInfo:
         feature_dim=dims["feature_dim"],
         num_classes=dims["num_classes"],
         input_kind=str(meta.get("input_kind")),
-        library_version=str(meta.get("library_version")),
+        library_version=version,
         calibration=calib,
     )
 

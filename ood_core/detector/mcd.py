@@ -44,7 +44,9 @@ class MCD(Detector):
 
     ``mode="mean"``: outlier score :math:`-\max_y \frac{1}{N} \sum_n \sigma_y(f_n(x))`.
     ``mode="var"``: outlier score :math:`\frac{1}{C} \sum_y \frac{1}{N - 1} \sum_n (\sigma_y(f_n(x)) - \mu_y)^2`,
-    the class-averaged (unbiased) variance of the softmax outputs, :math:`\mu_y` their mean over the passes.
+    the class-averaged variance of the softmax outputs, :math:`\mu_y` their mean over the passes. The variance
+    is the unbiased one (:math:`1/(N-1)`), as ``torch.var`` in pytorch-ood's code; its documentation prints
+    :math:`1/N`, which only rescales the score by :math:`(N-1)/N` (same ranking, same metrics).
 
     The network runs in training mode during the passes, except batch-norm layers when ``batch_norm`` is true
     (so their running statistics are neither used nor updated); afterwards every submodule gets back its own
@@ -79,8 +81,9 @@ class MCD(Detector):
     @torch.no_grad()
     def run(model: Network | None, x: Tensor, samples: int, batch_norm: bool = True) -> tuple[Tensor, Tensor]:
         """``samples`` stochastic passes; returns the maximum over classes of the mean softmax output and the
-        class-averaged unbiased variance of the softmax outputs (both ``B`` or ``B x H x W``), like pytorch-ood.
-        Uses Welford's running update, so memory does not grow with ``samples``."""
+        class-averaged unbiased variance of the softmax outputs (both ``B`` or ``B x H x W``), as pytorch-ood's
+        code does (its documentation only says "mean and variance"). Uses Welford's running update, so memory
+        does not grow with ``samples``."""
         if model is None:
             raise ModelNotSetException("MCD.run needs a model")
         mean: Tensor | None = None

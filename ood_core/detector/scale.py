@@ -24,7 +24,8 @@ class SCALE(ActivationShapingDetector):
     The factor is a positive per-sample constant, so for a positively homogeneous head (average pooling and
     a linear layer without bias) the predicted class does not change; a bias can change it.
 
-    :param percentile: fraction :math:`p \in [0, 1]`; the issue's default 0.85 (pytorch-ood: 0.65)
+    :param percentile: fraction :math:`p \in [0, 1]` of the activations outside the top-k (default 0.85, the
+        :math:`p` the paper also uses for ISH; ASH's default is 0.65)
     """
 
     def __init__(

@@ -93,3 +93,18 @@ def test_saved_with_the_detector_and_loaded_back(tmp_path) -> None:
     no_meta = {k: v for k, v in meta.items() if k != "calibration"}
     with pytest.raises(InvalidStateError, match="calibration"):
         load_detector(save(tensors, metadata=no_meta))
+
+
+def test_sketch_is_saved_compactly_and_loads_back(tmp_path) -> None:
+    g = torch.Generator().manual_seed(7)
+    y = torch.arange(30) % 3
+    det = Mahalanobis(None).fit_features(torch.randn(30, 4, generator=g) + y[:, None], y)
+    cal = Calibration.from_scores(torch.randn(4 * MAX_EXACT, generator=g))
+    path = tmp_path / "sketch.safetensors"
+    save_detector(det, path, calibration=cal)
+    assert load(path.read_bytes())["calibration.quantiles"].numel() == MAX_EXACT
+    loaded = load_detector(path).calibration
+    assert loaded is not None and not loaded.is_exact and loaded.n == 4 * MAX_EXACT
+    query = torch.randn(100, generator=g)
+    torch.testing.assert_close(loaded.p_values(query), cal.p_values(query), rtol=0, atol=0)
+    assert loaded.threshold() == cal.threshold()

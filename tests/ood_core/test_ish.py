@@ -83,3 +83,28 @@ def test_works_with_extra_leading_dimensions() -> None:
     layer(x).sum().backward()
     assert layer.weight.grad is not None
     torch.testing.assert_close(layer.weight.grad, math.e * x.reshape(-1, 3).sum(0).expand(2, 3))
+
+
+def test_fine_tuning_example_on_the_digits_model_runs() -> None:
+    """examples/ish_finetune.py (the issue's fine-tuning example) keeps working: one epoch with ISH on ``fc``
+    updates the wrapped layer and keeps the pretrained model's ID accuracy."""
+    import importlib.util
+    from pathlib import Path
+
+    from ood_core.zoo import load_classifier
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "ish_finetune.py"
+    spec = importlib.util.spec_from_file_location("ish_finetune_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    device = torch.device("cpu")
+    model = load_classifier(device=device)
+    before = model.fc.weight.detach().clone()
+    model.fc = ish(model.fc, p=0.85)
+    torch.manual_seed(0)
+    example.fine_tune(model, epochs=1, lr=0.01, seed=0, device=device)
+    accuracy, near_ood_auroc = example.evaluate(model, device)
+    assert isinstance(model.fc, ISHLinear) and not torch.equal(model.fc.weight, before)
+    assert accuracy > 0.95 and 0.5 < near_ood_auroc <= 1.0

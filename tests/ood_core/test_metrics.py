@@ -126,6 +126,20 @@ def test_segmentation_per_image_averages_images_with_both_classes() -> None:
     assert result["images"] == 3
 
 
+def test_segmentation_modes_drop_void_label_zero_first() -> None:
+    scores, y = random_data(3 * 8 * 8, 10, tied=True)
+    scores, y = scores.view(3, 8, 8), y.view(3, 8, 8)
+    y[1][y[1] < 0] = 0  # image 1: its OOD pixels become void, so it has only ID pixels left
+    scores[y == 0] = 50.0  # void pixels would dominate every metric if they were counted
+    keep = y != 0
+    pooled = OODMetrics(mode="segmentation", void_label=0).update(scores, y).compute()
+    assert_metrics_close(pooled, sklearn_metrics(scores[keep], y[keep]))
+    per_image = OODMetrics(mode="segmentation-per-image", void_label=0).update(scores, y).compute()
+    expected = [sklearn_metrics(scores[i][keep[i]], y[i][keep[i]]) for i in (0, 2)]
+    assert_metrics_close(per_image, {key: float(np.mean([m[key] for m in expected])) for key in expected[0]})
+    assert per_image["images"] == 2
+
+
 def test_one_class_only_raises() -> None:
     with pytest.raises(ValueError, match="ID and OOD"):
         ood_metrics(torch.rand(10), torch.zeros(10, dtype=torch.long))

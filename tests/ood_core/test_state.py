@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 
-from ood_core.api import InvalidStateError
+from ood_core.api import InvalidStateError, RequiresFitException
 from ood_core.detector import Mahalanobis
 from ood_core.state import load_detector, read_state_info, save_detector
 
@@ -67,8 +67,12 @@ def inf_mu(t: Tensors, m: Meta) -> None:
         (lambda t, m: m.__setitem__("class", "NoSuchDetector"), "unknown detector"),
         (lambda t, m: m.__setitem__("hparams", "{not json"), "not valid JSON"),
         (lambda t, m: m.__setitem__("hparams", json.dumps({"bogus": 1})), "hyperparameters"),
+        (lambda t, m: m.__setitem__("hparams", '{"eps": NaN, "norm_std": null}'), "non-finite"),
+        (lambda t, m: m.__setitem__("hparams", '{"eps": Infinity, "norm_std": null}'), "non-finite"),
         (lambda t, m: m.__setitem__("num_classes", "4"), "num_classes|size 3"),
         (lambda t, m: m.__setitem__("format", "something-else"), "format"),
+        (lambda t, m: m.pop("library_version"), "library_version"),
+        (lambda t, m: m.__setitem__("library_version", "not a version"), "library_version"),
         (lambda t, m: m.__setitem__("input_kind", "logits"), "input_kind"),
     ],
 )
@@ -93,3 +97,9 @@ def test_truncated_files_are_rejected(saved: tuple[Tensors, Meta], tmp_path: Pat
 def test_missing_file_is_an_invalid_state(tmp_path: Path) -> None:
     with pytest.raises(InvalidStateError, match="cannot read"):
         load_detector(tmp_path / "absent.safetensors")
+
+
+def test_unfitted_detector_cannot_be_saved(tmp_path: Path) -> None:
+    with pytest.raises(RequiresFitException):
+        save_detector(Mahalanobis(None), tmp_path / "unfitted.safetensors")
+    assert not (tmp_path / "unfitted.safetensors").exists()

@@ -71,6 +71,8 @@ def test_segmentation_scores_are_per_pixel() -> None:
     x = torch.randn(2, 3, 5, 6)
     for mode in ("var", "mean"):
         assert MCD(model, samples=3, mode=mode)(x).shape == (2, 5, 6)
+    top, class_var = MCD.run(model, x, samples=3)
+    assert top.shape == class_var.shape == (2, 5, 6)
 
 
 def test_features_are_not_supported_and_invalid_settings_are_rejected() -> None:

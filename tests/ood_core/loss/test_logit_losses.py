@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from ood_core import loss as L
@@ -112,3 +113,13 @@ def test_background_class_hand_computed() -> None:
     y = torch.tensor([1, -3])
     expected = torch.tensor([math.log(4.0), LN2])  # OOD -> class 2
     torch.testing.assert_close(L.BackgroundClassLoss(2, reduction="none")(logits, y), expected)
+
+
+def test_background_class_loss_teaches_ood_to_the_extra_class() -> None:
+    logits = torch.zeros(2, 3, requires_grad=True)
+    L.BackgroundClassLoss(2)(logits, torch.tensor([-1, 0])).backward()
+    assert logits.grad is not None
+    assert logits.grad[0, 2] < 0 and (logits.grad[0, :2] > 0).all()  # descent raises the OOD row's background logit
+    assert logits.grad[1, 0] < 0 and (logits.grad[1, 1:] > 0).all()  # and the ID row's own class
+    with pytest.raises(ValueError, match="3 logit channels"):
+        L.BackgroundClassLoss(2)(torch.zeros(2, 2), torch.tensor([0, -1]))

@@ -101,3 +101,28 @@ def test_synthesized_outliers_lie_in_the_low_density_region() -> None:
     # the best of 1000 draws by Mahalanobis norm is beyond 2.5 (P(all 1000 within) ~ 1e-19)
     distances = (outliers - torch.tensor([[10.0, 0.0], [-10.0, 0.0]])).norm(dim=1)
     assert (distances > 2.5).all() and (distances < 8).all()
+
+
+def test_synthesizer_regularizer_on_hand_computed_case(monkeypatch) -> None:
+    # identity last layer, unit energy weights (E = -logsumexp), phi(E) = E with one output
+    fc = _linear([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0])
+    loss = L.VirtualOutlierSynthesizingRegLoss(
+        _linear([[1.0]], [0.0]),
+        _linear([[1.0, 1.0]], [0.0]),
+        "cpu",
+        2,
+        2,
+        fc,
+        alpha=0.5,
+        reduction="none",
+        sample_number=1,
+        sample_from=10,
+    )
+    virtual = torch.tensor([[-LN2, -LN2], [0.0, 0.0]])  # energies 0 and -log 2
+    monkeypatch.setattr(loss, "synthesize", lambda: virtual)
+    features = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])  # energies -log 2 and -log 4
+    y = torch.tensor([0, 1])  # one sample per class fills both queues (sample_number = 1)
+    nll = torch.tensor([LN2, -math.log(3 / 4)])
+    # ID: -log(1 - sigmoid(E)) = softplus(E); virtual outliers: -log sigmoid(E) = softplus(-E); mean of all four
+    regularizer = (math.log(1.5) + math.log(1.25) + LN2 + math.log(3.0)) / 4
+    torch.testing.assert_close(loss(fc(features), features, y), nll + 0.5 * regularizer)
