@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make docker-smoke: build the image, run it read-only, wait for /readyz, score a demo image, check /metrics,
 # send SIGTERM under load and check that no accepted request failed, then remove everything.
-# Env: BASE_IMAGE (default: local/python:3.11-slim when present, else python:3.11-slim), IMAGE, PORT,
+# Env: KEEP_IMAGE=1 keeps the image; BASE_IMAGE (default: local/python:3.11-slim when present, else python:3.11-slim), IMAGE, PORT,
 #      TORCH_INDEX_URL (default: the CPU index when reachable; otherwise torch comes from a local wheelhouse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,9 @@ LOCAL_DOCKER=../shared/tools/local-docker.sh
 cleanup() {
   docker rm -f "$NAME" >/dev/null 2>&1 || true
   docker volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  # the image is several GB: keep it only when asked (KEEP_IMAGE=1); always drop the build stage
+  [ "${KEEP_IMAGE:-0}" = 1 ] || docker image rm -f "$IMAGE" >/dev/null 2>&1 || true
+  docker image prune -f --filter label=org.ood-serve.stage=build >/dev/null 2>&1 || true
   find docker/wheelhouse -type f ! -name README.md -delete 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -38,7 +41,9 @@ if [ -z "${TORCH_INDEX_URL+x}" ]; then
     # no CPU index here: take the pinned torch/torchvision wheels pip already has on this machine
     TORCH_INDEX_URL=
     echo "== CPU index unreachable: torch from a local wheelhouse (PyPI's CUDA-bundled build)"
-    $PY -m pip download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+    # (this machine's platform tags: the image is built for this architecture; an explicit --platform would
+    #  exclude the older manylinux tags some of torch's CUDA wheels carry)
+    $PY -m pip download --quiet --only-binary=:all: --python-version 3.11 \
       -d docker/wheelhouse torch==2.14.1 torchvision==0.29.1
   fi
 fi
