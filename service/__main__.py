@@ -28,8 +28,11 @@ def _exit_zero(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = load_settings(args.config)
-    app = create_app(settings)
+    try:
+        settings = load_settings(args.config)
+        app = create_app(settings)
+    except (OSError, ValueError) as exc:  # unreadable or invalid config / keys file (pydantic errors are ValueErrors)
+        raise SystemExit(f"ood-serve: invalid configuration: {exc}") from exc
     # uvicorn handles SIGTERM/SIGINT (stop accepting, finish open requests, lifespan shutdown drains every
     # batcher) and then re-raises the signal to the previous handler: this one makes a graceful stop exit 0
     signal.signal(signal.SIGTERM, _exit_zero)

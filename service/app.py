@@ -72,21 +72,31 @@ def _headers(exc: Exception) -> dict[str, str]:
     return headers
 
 
-def _handler(status: int | None, fixed_title: str | None = None) -> Handler:
+def _handler(status: int | None, fixed_title: str | None = None, outermost: bool = False) -> Handler:
+    """``status`` ``None``: the exception's own ``status_code`` (Starlette's HTTP errors) or 500. ``outermost``: the
+    handler of unexpected exceptions, which Starlette runs outside every middleware, so it adds the request id
+    header itself."""
+
     async def handle(request: Request, exc: Exception) -> Response:
         code = status if status is not None else int(getattr(exc, "status_code", 500))
         title = fixed_title or getattr(exc, "title", None) or type(exc).__name__
         if status is None and isinstance(exc, StarletteHTTPException):
             title = {404: "Not found", 405: "Method not allowed"}.get(code, "HTTP error")
-        if code >= 500 and status is None:
+        unexpected = code >= 500 and status is None
+        if unexpected:
             logger.error("unhandled error", exc_info=exc)
+            title = "Internal server error"  # neither the exception's type nor its message leave the server
+        request_id = request_id_var.get() or getattr(request.state, "request_id", None)
+        headers = _headers(exc)
+        if outermost and request_id:
+            headers["X-Request-ID"] = request_id
         return errors.problem_response(
             code,
             str(title),
-            _detail(exc) if code < 500 or status else "internal error",
+            "internal error" if unexpected else _detail(exc),
             request.url.path,
-            request_id_var.get() or getattr(request.state, "request_id", None),
-            _headers(exc),
+            request_id,
+            headers,
         )
 
     return handle
@@ -117,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type, (status, title) in _status_table().items():
         app.add_exception_handler(exc_type, _handler(status, title))
     app.add_exception_handler(StarletteHTTPException, _handler(None))
-    app.add_exception_handler(Exception, _handler(None))
+    app.add_exception_handler(Exception, _handler(None, outermost=True))
     app.add_middleware(RequestContextMiddleware, metrics=context.metrics, max_body_bytes=settings.max_body_bytes)
     for module in (health, models, detectors, score, segment, fit):
         app.include_router(module.router)

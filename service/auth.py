@@ -6,6 +6,7 @@ configured a random key is generated at start and logged once, so writes are nev
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -19,16 +20,26 @@ logger = logging.getLogger("service.auth")
 def configured_keys(settings: Settings) -> list[str]:
     keys = [k.strip() for k in (settings.api_keys or "").split(",")]
     if settings.api_keys_file is not None:
-        for line in settings.api_keys_file.read_text(encoding="utf-8").splitlines():
+        try:
+            text = settings.api_keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read OOD_API_KEYS_FILE {settings.api_keys_file}: {exc}") from exc
+        for line in text.splitlines():
             keys.append(line.split("#", 1)[0].strip())
     return [k for k in keys if k]
+
+
+def _digest(key: str) -> bytes:
+    """SHA-256 of the key: every comparison is then between equal-length values, so its time reveals neither
+    the keys' contents nor their lengths."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 class ApiKeys:
     """The accepted keys and the check used by the auth dependencies."""
 
     def __init__(self, keys: list[str]) -> None:
-        self._keys = [k.encode() for k in keys]
+        self._digests = [_digest(k) for k in keys]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
@@ -45,9 +56,9 @@ class ApiKeys:
 
     def matches(self, key: str) -> bool:
         """Constant-time comparison against every key (no early exit)."""
-        candidate = key.encode()
+        candidate = _digest(key)
         found = False
-        for known in self._keys:
+        for known in self._digests:
             found |= hmac.compare_digest(candidate, known)
         return found
 

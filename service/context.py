@@ -2,8 +2,9 @@
 
 Start-up (:meth:`ServiceContext.start`) runs in the background so that the server answers ``/healthz`` at once:
 it builds the models, loads the stored detector states (fitting the demo's on first start), starts one batcher
-per model and warms each up with a full batch; only then is the service ready (``/readyz``). Shutdown drains the
-batchers, so every accepted request is answered.
+per model and warms each up with a full batch; only then is the service ready (``/readyz``). Then, every
+``state_sync_s`` seconds, it syncs the served detectors with the state directory that other replicas write too
+(:mod:`service.sync`). Shutdown stops the sync and drains the batchers, so every accepted request is answered.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from service.runtime import ActiveDetector, ServedModel
 from service.scoring import ItemResult, ScoreItem, process_batch
 from service.settings import ModelConfig, Settings
 from service.store import StateStore, check_name
+from service.sync import run_sync_loop
 
 logger = logging.getLogger("service.context")
 WARMUP_TIMEOUT_S = 300.0
@@ -39,8 +41,10 @@ class ServiceContext:
         self.metrics = ServiceMetrics(lambda: list(self.models.values()))
         self.ready = False
         self.failure: str | None = None
-        self._write_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        """Held by every change of a model's detectors: installs, deletes and the sync's swaps."""
         self._startup: asyncio.Task[None] | None = None
+        self._sync: asyncio.Task[None] | None = None
         self._ready_event: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lookups
@@ -58,7 +62,7 @@ class ServiceContext:
         """Validate ``data`` against ``model``, store it, then swap it in (blocking: call in a thread)."""
         check_name("detector", name)
         detector = build_detector(model, data)  # raises before anything changes
-        with self._write_lock:
+        with self.write_lock:
             stored = self.store.put(model.name, name, data, type(detector).__name__)
             active = ActiveDetector(name=name, detector=detector, stored=stored)
             model.detectors = {**model.detectors, name: active}
@@ -67,7 +71,7 @@ class ServiceContext:
 
     def remove(self, model: ServedModel, name: str) -> None:
         check_name("detector", name)
-        with self._write_lock:
+        with self.write_lock:
             self.store.delete(model.name, name)
             model.detectors = {k: v for k, v in model.detectors.items() if k != name}
         logger.info("detector deleted", extra={"model": model.name, "detector": name})
@@ -130,6 +134,8 @@ class ServiceContext:
                 await model.batcher.submit([blank] * size, timeout_s=WARMUP_TIMEOUT_S)
             self.ready = True
             logger.info("service ready", extra={"models": sorted(self.models)})
+            if self.settings.state_sync_s > 0:
+                self._sync = asyncio.create_task(run_sync_loop(self, self.settings.state_sync_s), name="ood-sync")
         except Exception as exc:
             self.failure = f"start-up failed: {type(exc).__name__}: {exc}"
             logger.exception("start-up failed")
@@ -153,9 +159,10 @@ class ServiceContext:
     async def stop(self) -> None:
         """Refuse new work, finish every accepted request, stop the batch workers."""
         self.ready = False
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
-            await asyncio.gather(self._startup, return_exceptions=True)
+        for task in (self._startup, self._sync):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for model in self.models.values():
             if model.batcher is not None:
                 await model.batcher.stop(drain=True)

@@ -69,7 +69,12 @@ def build_detector(model: ServedModel, data: bytes) -> Detector:
         )
     modules = external_modules(model, cls, kind)
     net = modules.pop("model", None)
-    detector = load_detector(data, model=net, **modules).to(model.device).eval()
+    try:
+        detector = load_detector(data, model=net, **modules).to(model.device).eval()
+    except InvalidStateError:
+        raise
+    except Exception as exc:  # whatever a malformed state trips over: the upload is refused, never a 500
+        raise InvalidStateError(f"cannot load {info.cls} state: {type(exc).__name__}: {exc}") from exc
     smoke_test(model, detector, kind)
     return detector
 

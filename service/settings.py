@@ -19,14 +19,14 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Model and detector names: letters, digits, ``_ . -``, not starting with a dot (no path traversal)."""
 
 Size = tuple[int, int]
 
 
 def is_valid_name(name: str) -> bool:
-    return bool(NAME_PATTERN.match(name)) and ".." not in name
+    return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name  # fullmatch: "$" would accept a final "\n"
 
 
 def _size(value: Any) -> Any:
@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     """Images per ``/fit`` request."""
     fit_calibration_share: float = Field(default=0.2, gt=0, lt=1)
     """Default share of the ``/fit`` ID images held out for calibration."""
+    state_sync_s: float = Field(default=10.0, ge=0)
+    """Seconds between syncs with the state directory, which other replicas may write too (0: no sync)."""
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -1,12 +1,19 @@
 """Detector states on disk: ``<state_dir>/<model>/<detector>/v<N>.safetensors`` plus ``active.json``.
 
 A write stores the new version atomically (temporary file, fsync, rename) and then atomically replaces
-``active.json`` (the commit point), keeping the previous version's file. ``active.json`` records the version,
-sha256, size, detector class and upload time; loading checks the sha256.
+``active.json`` (the commit point), then fsyncs the folder so the renames survive a power cut. The previously
+active version's file is kept (``v<N-1>``); older ones are removed. ``active.json`` records the version, sha256,
+size, detector class and upload time; loading checks the sha256. A write that fails at any step leaves the
+previous ``active.json`` and its file untouched.
+
+Several replicas may share ``root`` (a ReadWriteMany volume): every write and delete of a detector holds an
+exclusive ``flock`` on ``<model>/.<detector>.lock`` (besides this process's lock), so versions only grow, a
+version file is never overwritten and the cleanup never removes a version another replica is writing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +21,8 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +32,6 @@ from service.settings import is_valid_name
 
 ACTIVE = "active.json"
 _VERSION_FILE = re.compile(r"^v(\d+)\.safetensors$")
-KEEP_VERSIONS = 2
-"""The active version and the previous one."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,20 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames, removals) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """Versioned, atomically written detector states of every model under ``root``."""
 
@@ -85,23 +106,56 @@ class StateStore:
             raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}") from None
         return StoredState(model=model, name=name, **meta)
 
-    def read(self, model: str, name: str) -> tuple[StoredState, bytes]:
-        """The active version's bytes; raises ``ValueError`` if the file does not match its sha256."""
-        info = self.info(model, name)
-        data = (self._dir(model, name) / f"v{info.version}.safetensors").read_bytes()
-        if sha256_hex(data) != info.sha256:
-            raise ValueError(f"stored state {model}/{name} v{info.version} does not match its sha256")
-        return info, data
+    def read(self, model: str, name: str, attempts: int = 3) -> tuple[StoredState, bytes]:
+        """The active version's bytes; raises ``ValueError`` if the file is missing or does not match its sha256.
+
+        Reads take no lock: a file removed between reading ``active.json`` and the file (another replica replaced
+        the state twice meanwhile) is retried with the new ``active.json``."""
+        for attempt in range(attempts):
+            info = self.info(model, name)
+            try:
+                data = (self._dir(model, name) / f"v{info.version}.safetensors").read_bytes()
+            except FileNotFoundError:
+                if attempt + 1 < attempts:
+                    continue
+                raise ValueError(f"stored state {model}/{name} v{info.version} is missing") from None
+            if sha256_hex(data) != info.sha256:
+                raise ValueError(f"stored state {model}/{name} v{info.version} does not match its sha256")
+            return info, data
+        raise AssertionError("unreachable")
 
     def _versions(self, folder: Path) -> list[int]:
         found = (_VERSION_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else iter(())
         return sorted(int(m.group(1)) for m in found if m)
 
+    def _active_version(self, folder: Path) -> int | None:
+        try:
+            return int(json.loads((folder / ACTIVE).read_text(encoding="utf-8"))["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @contextmanager
+    def _locked(self, model: str, name: str) -> Iterator[None]:
+        """Exclusive over this process and every other one writing the same detector under ``root``."""
+        base = self.root / check_name("model", model)
+        base.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(base / f".{check_name('detector', name)}.lock", "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     def put(self, model: str, name: str, data: bytes, detector_class: str) -> StoredState:
-        """Store ``data`` as the next version and make it active; keep the previous version."""
+        """Store ``data`` as the next version and make it active; keep the previously active version."""
         folder = self._dir(model, name)
-        with self._lock:
+        with self._locked(model, name):
+            created = not folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            if created:
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+            previous = self._active_version(folder)
             version = max(self._versions(folder), default=0) + 1
             write_atomic(folder / f"v{version}.safetensors", data)
             info = StoredState(
@@ -115,16 +169,19 @@ class StateStore:
             )
             meta = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
             write_atomic(folder / ACTIVE, json.dumps(meta, indent=1).encode())
-            for old in self._versions(folder)[:-KEEP_VERSIONS]:
-                (folder / f"v{old}.safetensors").unlink(missing_ok=True)
+            for old in self._versions(folder):
+                if old not in (version, previous):  # also files of versions a failed write left behind
+                    (folder / f"v{old}.safetensors").unlink(missing_ok=True)
+            fsync_dir(folder)
         return info
 
     def delete(self, model: str, name: str) -> None:
         """Remove the detector with all its versions (renamed away first, so the removal is atomic)."""
         folder = self._dir(model, name)
-        with self._lock:
+        with self._locked(model, name):
             if not (folder / ACTIVE).is_file():
                 raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}")
             trash = folder.with_name(f".deleted-{name}-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(folder, trash)
+            fsync_dir(folder.parent)
             shutil.rmtree(trash, ignore_errors=True)

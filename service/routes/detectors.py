@@ -53,7 +53,7 @@ async def _state_bytes(request: Request) -> bytes:
         if upload is None:
             raise BadRequestError("multipart upload needs the state in a 'file' part")
         return upload.data
-    if kind in ("application/octet-stream", "application/x-safetensors"):
+    if kind in ("", "application/octet-stream", "application/x-safetensors"):  # no type: the raw state file
         return await request.body()
     raise UnsupportedMediaTypeError(
         f"content type {kind or '(none)'!r} is not accepted; send the safetensors state as "

@@ -5,7 +5,8 @@
   ``API_KEY`` as the only key and no config file.
 * ``start_app(settings) -> AppRunner``: the app with its lifespan running on a background event loop, plus a
   synchronous ``httpx.AsyncClient`` bridge over ``ASGITransport`` (in-process); close with ``runner.close()``.
-* ``live_server`` (module): base URL of a real uvicorn server (127.0.0.1, free port) serving the demo.
+* ``serve(settings)``: context manager running a real uvicorn server (127.0.0.1, free port) until ready; yields
+  its base URL. ``live_server`` (module): such a server with the demo.
 * ``png_bytes(array)``: encode a ``H x W`` / ``H x W x 3`` uint8 array as PNG; ``digit_png()`` / ``noise_png()``.
 """
 
@@ -18,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_app
@@ -56,8 +59,8 @@ def noise_png(seed: int = 0, size: int = 32) -> bytes:
 class AppRunner:
     """Runs the app's lifespan on an event loop in a background thread; ``call`` runs a coroutine there."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings | FastAPI) -> None:
+        self.app = settings if isinstance(settings, FastAPI) else create_app(settings)
         self.context = self.app.state.context
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -133,28 +136,36 @@ def free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def live_server(module_settings: Settings) -> Iterator[str]:
-    """A real uvicorn server with the demo on 127.0.0.1 (free port); yields its base URL once ready."""
+@contextmanager
+def serve(settings: Settings) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 (free port) in a background thread; yields its base URL once ready."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(module_settings), log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    else:
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("live server did not become ready")
+        yield url
+    finally:
         server.should_exit = True
-        pytest.fail("live server did not become ready")
-    yield url
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(module_settings: Settings) -> Iterator[str]:
+    """A real uvicorn server with the demo on 127.0.0.1 (free port); yields its base URL once ready."""
+    with serve(module_settings) as url:
+        yield url

@@ -1,16 +1,19 @@
 """Detector states over the API: upload -> score -> download -> delete, validation before the swap, versions,
-persistence across restarts, zero-downtime swaps, the /fit route and auth on every write (in-process)."""
+calibration (threshold, p-value), names, persistence across restarts, zero-downtime swaps, auth on every write
+and, when required, on every read (in-process). The /fit route: test_fit.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from ood_core.calibration import Calibration
 from ood_core.detector import KNN, ODIN, EnergyBased, Mahalanobis
@@ -41,6 +44,13 @@ def mahalanobis_state(dim: int, classes: int) -> bytes:
     features = torch.randn(60, dim, generator=generator)
     labels = torch.arange(60) % classes
     return save_detector(Mahalanobis().fit_features(features, labels))
+
+
+def with_metadata(data: bytes, **changes: str) -> bytes:
+    """The same state with some header metadata replaced (e.g. a class the library does not know)."""
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len])["__metadata__"]
+    return st_save(st_load(data), metadata={**metadata, **changes})
 
 
 def score_of(app: AppRunner, name: str, png: bytes, query: str = "") -> dict:
@@ -95,6 +105,7 @@ def test_replacing_bumps_the_version_and_keeps_the_previous_file(app: AppRunner)
         (lambda: mahalanobis_state(dim=64, classes=3), "3 classes"),
         (lambda: save_detector(ODIN()), "input_kind 'input'"),
         (lambda: energy_state(1.0)[:-3], "truncated"),
+        (lambda: with_metadata(energy_state(1.0), **{"class": "Bogus"}), "unknown detector class 'Bogus'"),
     ],
 )
 def test_rejected_upload_leaves_the_active_state(app: AppRunner, make_state: Callable[[], bytes], reason: str) -> None:
@@ -108,6 +119,45 @@ def test_rejected_upload_leaves_the_active_state(app: AppRunner, make_state: Cal
     assert score_of(app, "mahalanobis", digit_png(4)) == scored
 
 
+def test_threshold_and_p_value_come_from_the_states_calibration(app: AppRunner) -> None:
+    png, url = digit_png(5), "/v1/models/digits/detectors/conformal"
+    assert app.put(url, content=energy_state(1.0), headers=WRITE).status_code == 201
+    s = score_of(app, "conformal", png)["score"]
+    calibration = torch.linspace(s - 5.05, s + 4.95, 41, dtype=torch.float64)  # step 0.25, no score ties with s
+    data = save_detector(EnergyBased(t=1.0), calibration=Calibration.from_scores(calibration))
+    assert app.put(url, content=data, headers=WRITE).status_code == 200
+    ordered = torch.sort(calibration).values
+    default, half = score_of(app, "conformal", png), score_of(app, "conformal", png, "&tpr=0.5")
+    for verdict in (default, half):
+        assert verdict["score"] == pytest.approx(s, abs=1e-5)
+        # conformal: (1 + #{calibration >= s}) / (n + 1), whatever the threshold
+        assert verdict["p_value"] == pytest.approx((1 + int((calibration >= s).sum())) / 42)
+    # threshold at TPR q: the smallest calibration score t with #{s_i <= t} / n >= q
+    assert default["threshold"] == pytest.approx(float(ordered[math.ceil(0.95 * 41) - 1]))  # 95% by default
+    assert half["threshold"] == pytest.approx(float(ordered[math.ceil(0.5 * 41) - 1]))
+    assert default["is_ood"] is False and half["is_ood"] is True  # s lies between the two thresholds
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/digits/detectors/%2e%2e",
+        "/v1/models/digits/detectors/..%2F..%2Fescape",
+        "/v1/models/..%2F..%2Fescape/detectors/x",
+        "/v1/models/digits/detectors/evil%0A",
+        "/v1/models/digits/detectors/a%5C..%5Cb",
+        "/v1/models/digits/detectors/%2Ftmp%2Fx",
+    ],
+)
+def test_names_cannot_escape_the_state_dir(app: AppRunner, path: str) -> None:
+    root = Path(app.context.settings.state_dir)
+    before = sorted(root.parent.rglob("*"))
+    response = app.put(path, content=energy_state(1.0), headers=WRITE)
+    assert response.status_code in (404, 422), response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert sorted(root.parent.rglob("*")) == before
+
+
 def test_segmentation_model_refuses_detectors_without_pixel_scores(app: AppRunner) -> None:
     knn = KNN(k=1).fit_features(torch.randn(10, 48), torch.arange(10) % 6)
     response = app.put("/v1/models/digits-seg/detectors/knn", content=save_detector(knn), headers=WRITE)
@@ -119,6 +169,8 @@ def test_upload_as_multipart_and_wrong_content_type(app: AppRunner) -> None:
     response = app.put(url, files={"file": ("s.safetensors", energy_state(1.5))}, headers=AUTH)
     assert response.status_code == 201, response.text
     assert app.put(url, content=b"{}", headers={**AUTH, "Content-Type": "application/json"}).status_code == 415
+    raw = app.put(url, content=energy_state(2.5), headers=AUTH)  # no content type: the raw state file
+    assert raw.status_code == 200 and raw.json()["version"] == 2
 
 
 @pytest.mark.parametrize("name", [".hidden", "a..b", "x" * 65, "sp ace"])
@@ -169,45 +221,8 @@ def test_swap_under_load_fails_no_request(app: AppRunner) -> None:
     codes = app.call(traffic())
     assert codes[:60] == [200] * 60
     assert codes[60:] == [200, 200, 200]
-    assert app.get("/v1/models/digits/detectors").json()["detectors"][0]["name"] == "energy"
+    assert {"energy", "hot"} <= {d["name"] for d in app.get("/v1/models/digits/detectors").json()["detectors"]}
     assert score_of(app, "hot", png)["version"] == 4
-
-
-def test_fit_route_fits_calibrates_and_stores(app: AppRunner) -> None:
-    from ood_core.data import load_split
-
-    images, labels = load_split("train")
-    pick = torch.arange(0, 240)
-    instances = [
-        {"b64": base64.b64encode(digit_png(int(i), split="train")).decode(), "label": int(labels[i])} for i in pick
-    ]
-    body = {"detector_class": "Mahalanobis", "hparams": {"eps": 0.0}, "calibration_share": 0.25, "instances": instances}
-    assert app.post("/v1/models/digits/detectors/fitted/fit", json=body).status_code == 401
-    response = app.post("/v1/models/digits/detectors/fitted/fit", json=body, headers=AUTH)
-    assert response.status_code == 201, response.text
-    assert response.json()["calibrated"] is True and response.json()["detector_class"] == "Mahalanobis"
-    digit, noise = score_of(app, "fitted", digit_png(0)), score_of(app, "fitted", noise_png(5))
-    assert digit["score"] < noise["score"] and noise["is_ood"] is True
-    bad = {**body, "detector_class": "NoSuchDetector"}
-    assert app.post("/v1/models/digits/detectors/fitted2/fit", json=bad, headers=AUTH).status_code == 400
-    odin = {**body, "detector_class": "ODIN"}
-    assert app.post("/v1/models/digits/detectors/fitted2/fit", json=odin, headers=AUTH).status_code == 422
-
-
-def test_fit_route_multipart(app: AppRunner) -> None:
-    files = [("files", (f"{i}.png", digit_png(i, split="train"))) for i in range(24)]
-    from ood_core.data import load_split
-
-    _, labels = load_split("train")
-    data = {
-        "detector_class": "KNN",
-        "hparams": json.dumps({"k": 2}),
-        "labels": ",".join(str(int(v)) for v in labels[:24]),
-    }
-    response = app.post("/v1/models/digits/detectors/knn-small/fit", files=files, data=data, headers=AUTH)
-    assert response.status_code == 201, response.text
-    wrong = {**data, "labels": "1,2"}
-    assert app.post("/v1/models/digits/detectors/knn-x/fit", files=files, data=wrong, headers=AUTH).status_code == 400
 
 
 def test_states_survive_a_restart_and_read_auth(make_settings: Callable[..., Settings]) -> None:
@@ -222,33 +237,29 @@ def test_states_survive_a_restart_and_read_auth(make_settings: Callable[..., Set
         first.close()
     second = AppRunner(settings.model_copy(update={"require_auth_for_read": True}))
     try:
-        assert second.get("/v1/models/digits").status_code == 401
-        assert second.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
-        assert second.get("/healthz").status_code == 200  # probes stay open
         detectors = second.get("/v1/models/digits", headers=AUTH).json()["detectors"]
         assert "kept" in detectors and "msp" not in detectors
         files = [("files", ("d", digit_png(0)))]
-        assert second.post("/v1/models/digits/score", files=files).status_code == 401
-        assert second.post("/v1/models/digits/score", files=files, headers=AUTH).status_code == 200
+        reads = [
+            ("GET", "/metrics", {}),
+            ("GET", "/v1/models", {}),
+            ("GET", "/v1/models/digits", {}),
+            ("GET", "/v1/models/digits/detectors", {}),
+            ("GET", "/v1/models/digits/detectors/kept", {}),
+            ("POST", "/v1/models/digits/score", {"files": files}),
+            ("POST", "/v1/models/digits-seg/segment", {"files": files}),
+        ]
+        for method, path, body in reads:
+            assert second.request(method, path, **body).status_code == 401, path
+            wrong = {"Authorization": "Bearer wrong"}
+            assert second.request(method, path, headers=wrong, **body).status_code == 403, path
+            assert second.request(method, path, headers=AUTH, **body).status_code == 200, path
+        assert second.get("/healthz").status_code == 200 and second.get("/readyz").status_code == 200  # probes
     finally:
         second.close()
-
-
-def test_fit_route_calibrates_a_segmentation_detector(app: AppRunner) -> None:
-    from ood_core.data import make_mosaics
-    from tests.service.conftest import png_bytes
-
-    mosaics, _ = make_mosaics(10, ood_share=0.0, split="calibration")
-    files = [
-        ("files", (f"{i}.png", png_bytes((m[0].numpy() * 255).round().astype("uint8")))) for i, m in enumerate(mosaics)
-    ]
-    data = {"detector_class": "MaxLogit", "labels": ",".join("0" * 10), "calibration_share": "0.5"}
-    response = app.post("/v1/models/digits-seg/detectors/maxlogit-cal/fit", files=files, data=data, headers=AUTH)
-    assert response.status_code == 201, response.text
-    assert response.json()["calibrated"] is True
-    segmented = app.post("/v1/models/digits-seg/segment?detectors=maxlogit-cal&format=npy", files=files[:1]).json()
-    verdict = segmented["results"][0]["detectors"]["maxlogit-cal"]
-    assert verdict["threshold"] is not None and 0.0 <= verdict["ood_share"] < 0.5
-    knn = {**data, "detector_class": "KNN"}
-    refused = app.post("/v1/models/digits-seg/detectors/knn-seg/fit", files=files, data=knn, headers=AUTH)
-    assert refused.status_code == 422 and "segmentation" in refused.json()["detail"]
+    third = AppRunner(settings)  # the default: reads are open
+    try:
+        for method, path, body in reads:
+            assert third.request(method, path, **body).status_code == 200, path
+    finally:
+        third.close()

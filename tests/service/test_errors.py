@@ -150,3 +150,71 @@ def test_not_ready_before_start_up(module_settings: Settings) -> None:
     for response in (ready, models, model):
         assert_problem(response, 503, "warming up")
         assert response.headers["retry-after"] == "1"
+
+
+def test_every_service_and_batcher_error_has_a_status_in_the_one_table() -> None:
+    from service import errors
+    from service.app import _status_table
+    from service.batcher import BatcherError
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for s in cls.__subclasses__() for c in {s, *subclasses(s)}}
+
+    table = _status_table()
+    missing = {c.__name__ for c in subclasses(errors.ServiceError) | subclasses(BatcherError) if c not in table}
+    assert not missing
+    assert all(400 <= status < 600 for status, _ in table.values())
+
+
+def test_unexpected_error_is_500_problem_json_without_internals(
+    app: AppRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from service.runtime import ServedModel
+
+    def broken(self: ServedModel) -> dict:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(ServedModel, "describe", broken)
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            return await client.get("/v1/models/digits", headers={"X-Request-ID": "req-500"})
+
+    response = app.call(get())
+    assert_problem(response, 500)
+    assert "secret" not in response.text and "RuntimeError" not in response.text
+    assert response.json()["detail"] == "internal error" and response.json()["title"] == "Internal server error"
+    assert response.json()["request_id"] == response.headers["x-request-id"] == "req-500"
+
+
+def test_limits_set_through_the_environment_are_enforced(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.app import create_app
+
+    env = {
+        "OOD_STATE_DIR": str(make_settings().state_dir),
+        "OOD_API_KEYS": "env-key",
+        "OOD_MAX_IMAGES_PER_REQUEST": "1",
+        "OOD_MAX_PIXELS": str(40 * 40),
+        "OOD_MAX_BODY_MB": "0.02",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runner = AppRunner(create_app())  # no settings given: read from the environment now
+    try:
+        two = [("files", ("a", digit_png(0))), ("files", ("b", digit_png(1)))]
+        assert_problem(runner.post(SCORE, files=two), 413, "limit is 1")
+        wide = png_bytes(np.zeros((40, 41), dtype=np.uint8))
+        assert_problem(runner.post(SCORE, files=[("files", ("w.png", wide))]), 413, "1640 pixels")
+        assert_problem(runner.post(SCORE, files=[("files", ("big", b"\0" * 30_000))]), 413, "exceeds the limit")
+        assert runner.post(SCORE, files=two[:1]).status_code == 200
+        assert (
+            runner.delete("/v1/models/digits/detectors/knn", headers={"Authorization": "Bearer env-key"}).status_code
+            == 204
+        )
+    finally:
+        runner.close()

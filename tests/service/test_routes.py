@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import re
 from collections.abc import Iterator
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -31,8 +34,15 @@ def test_health_and_readiness(app: AppRunner) -> None:
     assert ready.json()["models"] == ["digits", "digits-seg"]
 
 
+MODEL_KEYS = {"name", "task", "classes", "input_size", "device", "detectors"}
+STATE_KEYS = {"name", "version", "sha256", "size_bytes", "detector_class", "uploaded_at"}
+VERDICT_KEYS = {"score", "threshold", "is_ood", "p_value"}
+
+
 def test_models_list_and_one(app: AppRunner) -> None:
-    models = {m["name"]: m for m in app.get("/v1/models").json()["models"]}
+    listed = app.get("/v1/models").json()
+    assert set(listed) == {"models"} and all(set(m) == MODEL_KEYS for m in listed["models"])
+    models = {m["name"]: m for m in listed["models"]}
     assert models["digits"]["task"] == "classification"
     assert models["digits"]["classes"] == ["0", "1", "2", "3", "4", "5"]
     assert models["digits"]["input_size"] == [32, 32]
@@ -41,6 +51,20 @@ def test_models_list_and_one(app: AppRunner) -> None:
     assert models["digits-seg"]["device"] in ("cpu", "cuda", "cuda:0")
     one = app.get("/v1/models/digits-seg")
     assert one.json() == models["digits-seg"]
+
+
+def test_detector_list_gives_version_sha256_and_upload_time(app: AppRunner) -> None:
+    listed = app.get("/v1/models/digits/detectors").json()
+    assert listed["model"] == "digits"
+    states = {d["name"]: d for d in listed["detectors"]}
+    assert set(states) == set(app.get("/v1/models/digits").json()["detectors"])
+    for name, state in states.items():
+        assert set(state) >= STATE_KEYS
+        assert state["version"] >= 1 and re.fullmatch(r"[0-9a-f]{64}", state["sha256"])
+        assert datetime.strptime(state["uploaded_at"], "%Y-%m-%dT%H:%M:%SZ")
+        download = app.get(f"/v1/models/digits/detectors/{name}")
+        assert hashlib.sha256(download.content).hexdigest() == state["sha256"]
+        assert len(download.content) == state["size_bytes"]
 
 
 def test_unknown_model_is_404_problem_json(app: AppRunner) -> None:
@@ -58,7 +82,17 @@ def test_id_digit_scores_lower_than_noise_and_predicts_its_class(app: AppRunner)
     files = [("files", ("digit.png", digit_png(0), "image/png")), ("files", ("noise.png", noise_png(1), "image/png"))]
     response = app.post("/v1/models/digits/score", files=files)
     assert response.status_code == 200, response.text
-    digit, noise = response.json()["results"]
+    body = response.json()
+    assert set(body) == {"model", "results"} and body["model"] == "digits"
+    digit, noise = body["results"]
+    for result in body["results"]:
+        assert set(result) == {"prediction", "detectors"}
+        assert set(result["prediction"]) == {"index", "label", "probability"}
+        assert set(result["detectors"]) == {"mahalanobis", "knn", "msp", "energy"}  # default: every active one
+        for verdict in result["detectors"].values():
+            assert set(verdict) >= VERDICT_KEYS
+            assert verdict["is_ood"] == (verdict["score"] > verdict["threshold"])
+            assert 0.0 < verdict["p_value"] <= 1.0
     name = DEFAULT_DETECTOR["digits"]
     assert digit["detectors"][name]["score"] < noise["detectors"][name]["score"]
     assert digit["detectors"][name]["is_ood"] is False and noise["detectors"][name]["is_ood"] is True
@@ -135,9 +169,13 @@ def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> Non
         if fmt == "json":
             maps[fmt] = np.asarray(encoded["data"], dtype=np.float32)
         elif fmt == "npy":
-            maps[fmt] = np.load(io.BytesIO(base64.b64decode(encoded["data"])), allow_pickle=False).astype(np.float32)
+            array = np.load(io.BytesIO(base64.b64decode(encoded["data"])), allow_pickle=False)
+            assert array.dtype == np.float16
+            maps[fmt] = array.astype(np.float32)
         else:
-            png = Image.open(io.BytesIO(base64.b64decode(encoded["data"])))
+            data = base64.b64decode(encoded["data"])
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and (data[24], data[25]) == (16, 0)  # IHDR: 16-bit gray
+            png = Image.open(io.BytesIO(data))
             levels = np.asarray(png).astype(np.float64)
             assert levels.max() > 255  # 16-bit levels
             maps[fmt] = (encoded["min"] + levels / 65535.0 * (encoded["max"] - encoded["min"])).astype(np.float32)
@@ -148,6 +186,24 @@ def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> Non
     span = float(maps["json"].max() - maps["json"].min())
     assert np.abs(maps["npy"] - maps["json"]).max() < 0.01 * max(span, 1.0)
     assert np.abs(maps["png"] - maps["json"]).max() < 1e-3 * max(span, 1.0)
+
+
+def test_segment_threshold_and_tpr_overrides(app: AppRunner) -> None:
+    files = [("files", ("m.png", noise_png(4, size=64)))]
+
+    def energy(query: str) -> dict:
+        response = app.post(f"/v1/models/digits-seg/segment?format=json&detectors=energy&{query}", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]["detectors"]["energy"]
+
+    scores = np.asarray(energy("")["map"]["data"], dtype=np.float64)
+    middle = float(np.median(scores))
+    at_median = energy(f"threshold={middle}")
+    assert at_median["threshold"] == pytest.approx(middle)
+    assert at_median["ood_share"] == pytest.approx(float((scores > middle).mean()), abs=1e-3)
+    assert energy(f"threshold={scores.max() + 1}")["ood_share"] == 0.0
+    assert energy(f"threshold={scores.min() - 1}")["ood_share"] == 1.0
+    assert energy("tpr=0.5")["threshold"] < energy("tpr=0.99")["threshold"]
 
 
 def test_routes_refuse_the_other_task(app: AppRunner) -> None:

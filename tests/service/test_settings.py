@@ -1,4 +1,5 @@
-"""Configuration precedence (arguments > OOD_ environment > config file > defaults), validation, API keys, CLI."""
+"""Configuration precedence (arguments > OOD_ environment > config file > defaults), validation, API keys, CLI,
+and the entry point: ``--host``/``--port``/``--config`` reach uvicorn and the app, settings read at app creation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import service.__main__ as entry
 from service.__main__ import parse_args
+from service.app import create_app
 from service.auth import ApiKeys
 from service.errors import AuthenticationRequiredError, ForbiddenError
 from service.settings import load_settings
@@ -77,3 +80,79 @@ def test_a_key_is_generated_and_logged_once_when_none_is_configured(caplog: pyte
 def test_cli_arguments() -> None:
     args = parse_args(["--host", "0.0.0.0", "--port", "9000", "--config", "x.yaml"])
     assert (args.host, args.port, args.config) == ("0.0.0.0", 9000, "x.yaml")
+
+
+def test_unreadable_keys_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="OOD_API_KEYS_FILE"):
+        ApiKeys.from_settings(load_settings(api_keys_file=tmp_path / "missing"))
+
+
+def test_keys_of_any_length_compare_without_error() -> None:
+    keys = ApiKeys(["short", "a-much-longer-key-" * 8])
+    assert keys.matches("short") and keys.matches("a-much-longer-key-" * 8)
+    assert not keys.matches("shor") and not keys.matches("x" * 500) and not keys.matches("ключ")
+
+
+def test_app_reads_the_environment_when_created_not_when_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("from-file\n")
+    env = {
+        "OOD_STATE_DIR": str(tmp_path / "states"),
+        "OOD_DEVICE": "cpu",
+        "OOD_MAX_BATCH_SIZE": "7",
+        "OOD_MAX_IMAGES_PER_REQUEST": "3",
+        "OOD_MAX_PIXELS": "4096",
+        "OOD_MAX_BODY_MB": "0.5",
+        "OOD_API_KEYS": "k1,k2",
+        "OOD_API_KEYS_FILE": str(keys_file),
+        "OOD_REQUIRE_AUTH_FOR_READ": "true",
+        "OOD_LOG_JSON": "true",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    context = create_app().state.context  # service.app was imported long before these variables existed
+    s = context.settings
+    assert (s.state_dir, s.device, s.max_batch_size) == (tmp_path / "states", "cpu", 7)
+    assert (s.max_images_per_request, s.max_pixels, s.max_body_bytes) == (3, 4096, 512 * 1024)
+    assert s.require_auth_for_read and s.log_json
+    assert all(context.keys.matches(k) for k in ("k1", "k2", "from-file")) and not context.keys.matches("k3")
+    monkeypatch.setenv("OOD_MAX_BATCH_SIZE", "9")
+    assert create_app().state.context.settings.max_batch_size == 9
+
+
+def test_entry_point_passes_host_port_and_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'states'}\nmax_batch_size: 3\napi_keys: file-key\nlog_json: true\n")
+    served: dict[str, object] = {}
+    monkeypatch.setattr(entry.uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setattr(entry.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    entry.main(["--host", "0.0.0.0", "--port", "9123", "--config", str(config)])
+    assert (served["host"], served["port"]) == ("0.0.0.0", 9123)
+    settings = served["app"].state.context.settings  # type: ignore[attr-defined]
+    assert settings.max_batch_size == 3 and settings.state_dir == tmp_path / "states"
+    assert served["app"].state.context.keys.matches("file-key")  # type: ignore[attr-defined]
+    monkeypatch.setenv("OOD_CONFIG", str(config))  # the same file through the environment
+    monkeypatch.setenv("OOD_PORT", "9124")
+    entry.main([])
+    assert served["port"] == 9124 and served["app"].state.context.settings.max_batch_size == 3  # type: ignore[attr-defined]
+
+
+def test_ood_serve_console_script_is_the_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("ood-serve") == "service.__main__:main"
+
+
+def test_entry_point_reports_a_bad_configuration_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(entry.uvicorn, "run", lambda *args, **kwargs: pytest.fail("must not serve"))
+    with pytest.raises(SystemExit, match="invalid configuration.*missing.yaml"):
+        entry.main(["--config", str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_batch_size: 0\n")
+    with pytest.raises(SystemExit, match="max_batch_size"):
+        entry.main(["--config", str(bad)])

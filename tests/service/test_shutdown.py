@@ -1,18 +1,22 @@
 """Graceful shutdown of a real server process: SIGTERM under concurrent load loses no accepted request.
 
-``python -m service`` (the demo, no configuration) runs on a free loopback port. Twelve closed-loop clients send
+``python -m service --host 127.0.0.1 --port P --config FILE`` (the demo; the file sets only the state directory)
+runs on a free loopback port. Twelve closed-loop clients send
 score requests of 64 images each, so that a request spends a few hundred milliseconds in the server; SIGTERM
 arrives mid-load. Every request that got a response must have got a 200 (no 5xx from a batcher stopped under a
 running request); every request that had been in the server for ACCEPTED_AGE_S when the signal came (surely read
 and accepted) must be answered with a 200; the only failures allowed are connection-level ones after shutdown
-began (refused, or closed before the server read the request); and the process must exit 0.
+began (refused, or closed before the server read the request); and the process must exit 0. Its log must be JSON
+lines with a request id on every access line, and (no key configured) the generated API key logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,7 +76,8 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 
 
 async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model: str, image: bytes) -> float:
-    """Run the clients, send SIGTERM after LOAD_BEFORE_SIGTERM_S; return the time the signal was sent."""
+    """Run the clients, send SIGTERM after LOAD_BEFORE_SIGTERM_S once a request was answered; return the time the
+    signal was sent."""
     outcomes: list[Outcome] = []
     sigterm_at = float("inf")
 
@@ -92,7 +97,11 @@ async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model:
 
     async with httpx.AsyncClient(base_url=url, timeout=15.0, limits=httpx.Limits(max_connections=CLIENTS)) as client:
         clients = [asyncio.create_task(client_loop(client)) for _ in range(CLIENTS)]
-        await asyncio.sleep(LOAD_BEFORE_SIGTERM_S)
+        started = time.monotonic()
+        # at least LOAD_BEFORE_SIGTERM_S of load, and some answered requests (a loaded machine may be slow)
+        while time.monotonic() - started < LOAD_BEFORE_SIGTERM_S or not any(o.status == 200 for o in outcomes):
+            assert time.monotonic() - started < READY_TIMEOUT_S, "no request was answered under load"
+            await asyncio.sleep(0.05)
         sigterm_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*clients), EXIT_TIMEOUT_S)
@@ -109,14 +118,29 @@ async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model:
     return sigterm_at
 
 
+def check_json_logs(text: str) -> None:
+    """The process's log (its stderr): one JSON object per line, uvicorn's own lines included; one access line per
+    request with its request id, route and status; the generated API key logged exactly once."""
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    access = [e for e in entries if e.get("logger") == "service.access"]
+    scored = [e for e in access if e["route"] == "/v1/models/{model}/score" and e["status"] == 200]
+    assert scored and all(re.fullmatch(r"[0-9a-f]{32}", e["request_id"]) for e in access)
+    assert len({e["request_id"] for e in access}) == len(access)
+    assert any(e.get("logger", "").startswith("uvicorn") for e in entries)
+    assert sum(1 for e in entries if "api_key" in e) == 1
+
+
 def test_sigterm_under_load_answers_accepted_requests_and_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OOD_STATE_DIR": str(tmp_path / "states"), "OOD_LOG_JSON": "true"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OOD_API_KEYS", "OOD_API_KEYS_FILE", "OOD_CONFIG")}
+    env.update({"OOD_LOG_JSON": "true"})
+    config = tmp_path / "serve.yaml"  # --config: the state directory comes from the file
+    config.write_text(f"state_dir: {tmp_path / 'states'}\n")
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -129,6 +153,8 @@ def test_sigterm_under_load_answers_accepted_requests_and_exits_zero(tmp_path: P
             height, width = model["input_size"]
             asyncio.run(load_until_shutdown(process, url, model["name"], noise_png(height, width)))
             assert process.wait(EXIT_TIMEOUT_S) == 0
+            check_json_logs(log_path.read_text(errors="replace"))
+            assert {p.name for p in (tmp_path / "states").iterdir()} == {"digits", "digits-seg"}  # demo states
         except BaseException:
             print(log_path.read_text(errors="replace")[-4000:])
             raise

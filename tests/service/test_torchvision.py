@@ -4,6 +4,7 @@ YAML file through OOD_CONFIG; detectors uploaded and fitted through its heads (i
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from ood_core.detector import EnergyBased
 from ood_core.state import save_detector
+from service.runtime import ServedModel
 from service.settings import load_settings
 from tests.service.conftest import API_KEY, AUTH, AppRunner, png_bytes
 
@@ -131,3 +133,34 @@ def test_torchvision_segmentation_model(app: AppRunner) -> None:
     energy = response.json()["results"][0]["detectors"]["energy"]
     assert np.asarray(energy["map"]["data"]).shape == (30, 20)
     assert energy["threshold"] is None and energy["ood_share"] is None
+
+
+def test_readme_example_config_builds_resnet18_and_deeplabv3_resnet50(tmp_path: Path) -> None:
+    """The YAML example in service/README.md, with random weights and a smaller input (for speed): every graph node
+    and head it names exists, and one forward gives logits, features and feature maps."""
+    readme = (Path(__file__).resolve().parents[2] / "service" / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"```yaml\n(.*?)```", readme, flags=re.S)
+    assert match, "no yaml block in service/README.md"
+    config = yaml.safe_load(match.group(1))
+    assert [m["architecture"] for m in config["models"]] == ["resnet18", "deeplabv3_resnet50"]
+    for entry in config["models"]:
+        if entry.get("task") == "segmentation":
+            network = torchvision.models.segmentation.deeplabv3_resnet50(
+                weights=None, weights_backbone=None, num_classes=entry["num_classes"], aux_loss=False
+            )
+        else:
+            network = torchvision.models.resnet18(weights=None, num_classes=entry["num_classes"])
+        entry["weights"] = str(tmp_path / f"{entry['name']}.safetensors")
+        save_file(network.state_dict(), entry["weights"])
+        entry["input_size"] = 64
+        if "preprocessing" in entry:
+            entry["preprocessing"].update(resize=72, crop=64)
+    settings = load_settings(**{**config, "state_dir": tmp_path / "states", "device": "cpu"})
+    r18, seg = (ServedModel(m, settings) for m in settings.models)
+    assert r18.dims == {"logits": 10, "features": 512, "feature_maps": 512}
+    assert tuple(r18.probe["feature_maps"].shape[:2]) == (2, 512) and r18.probe["feature_maps"].dim() == 4
+    for kind in ("features", "feature_maps"):  # the configured heads map each output back to the logits
+        head = r18.heads[kind]
+        assert head is not None and torch.allclose(head(r18.probe[kind]), r18.probe["logits"], atol=1e-5)
+    assert seg.task == "segmentation" and seg.dims == {"logits": 21, "feature_maps": 2048}
+    assert tuple(seg.probe["logits"].shape) == (2, 21, 64, 64)  # the "interpolate" node: at input resolution

@@ -1,0 +1,97 @@
+"""The state store's write discipline: temporary file, fsync, rename; the commit point is ``active.json``; a failed
+write leaves the active version readable; the previously active version is the one kept; processes sharing the
+directory never write the same version."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.store import ACTIVE, StateStore
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_every_file_is_fsynced_before_it_is_renamed_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        assert Path(src).parent == Path(dst).parent  # same folder: the rename is atomic
+        events.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    StateStore(tmp_path).put("m", "d", b"state-bytes", "EnergyBased")
+    renames = [i for i, e in enumerate(events) if e.startswith("rename")]
+    assert [events[i] for i in renames] == ["rename v1.safetensors", f"rename {ACTIVE}"]
+    for index in renames:
+        assert events[index - 1] == "fsync"  # the data is on disk before its name is
+    assert events[-1] == "fsync"  # and the folder entries after the last rename
+
+
+def test_a_failed_write_leaves_the_active_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = StateStore(tmp_path)
+    store.put("m", "d", b"first", "EnergyBased")
+    folder = tmp_path / "m" / "d"
+    real_replace = os.replace
+
+    def fail_on_commit(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst).name == ACTIVE:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_commit)
+    with pytest.raises(OSError, match="No space"):
+        store.put("m", "d", b"second", "EnergyBased")
+    monkeypatch.setattr(os, "replace", real_replace)
+    info, data = store.read("m", "d")
+    assert (info.version, data) == (1, b"first")
+    assert not [name for name in files(folder) if name.endswith(".tmp")]  # no temporary file left behind
+    # the next write becomes v3 and keeps v1 (the version that was active), not v2 (never committed)
+    assert store.put("m", "d", b"third", "EnergyBased").version == 3
+    assert files(folder) == [ACTIVE, "v1.safetensors", "v3.safetensors"]
+    assert store.read("m", "d")[1] == b"third"
+
+
+def test_replacing_keeps_exactly_the_previous_version(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    for version, payload in enumerate((b"a", b"b", b"c", b"d"), start=1):
+        assert store.put("m", "d", payload, "EnergyBased").version == version
+    folder = tmp_path / "m" / "d"
+    assert files(folder) == [ACTIVE, "v3.safetensors", "v4.safetensors"]
+    assert (folder / "v3.safetensors").read_bytes() == b"c"
+
+
+def _put_many(root: str, worker: int, count: int, results: Any) -> None:
+    store = StateStore(Path(root))
+    results.put([store.put("m", "d", f"{worker}-{i}".encode(), "X").version for i in range(count)])
+
+
+def test_processes_sharing_the_directory_get_distinct_growing_versions(tmp_path: Path) -> None:
+    """Two processes (replicas on one volume) writing the same detector at once: the file lock orders them."""
+    context = multiprocessing.get_context("fork")  # fast; the children only do file I/O
+    results = context.Queue()
+    workers = [context.Process(target=_put_many, args=(str(tmp_path), w, 15, results)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    versions = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert all(v == sorted(v) for v in versions)  # each writer sees its versions grow
+    assert sorted(versions[0] + versions[1]) == list(range(1, 31))  # no version written twice, none skipped
+    info, data = StateStore(tmp_path).read("m", "d")
+    assert info.version == 30 and data.decode().split("-")[1] == "14"  # the last write of its writer
+    assert files(tmp_path / "m" / "d") == [ACTIVE, "v29.safetensors", "v30.safetensors"]
