@@ -11,16 +11,20 @@ each concurrency level, ``N`` asyncio clients each send one request, wait for th
   called with no HTTP and no queue, on batches of ``min(images in flight, 32)`` in one worker thread (the limit
   the service can approach).
 
-Reported per cell: throughput (images/s), latency p50/p95/p99 (ms) and the mean batch size read from the
-service's ``/metrics`` batch-size histogram (``_sum / _count`` over the measured window). The machine may be shared:
-both servers run side by side and each cell is measured in ``--rounds`` interleaved slices (a, b, c, a, b, c, ...),
-so a burst of foreign load hits the three modes alike and their RATIOS stay meaningful; the 1-minute load average
+Reported per cell: throughput (images/s), latency p50/p95/p99 (ms), the mean batch size read from the
+service's ``/metrics`` batch-size histogram (``_sum / _count`` over the measured window), and the CPU time per image
+of the server process and of the load generator (Linux ``/proc``; less sensitive to foreign load than throughput).
+``--baseline DIR`` also runs (a) and (b) from another source tree in the same interleaved rounds, for before/after
+comparisons. The machine may be shared:
+all servers run side by side and each cell is measured in ``--rounds`` interleaved slices (a, b, c, a, b, c, ...),
+so a burst of foreign load hits all modes alike and their RATIOS stay meaningful; the 1-minute load average
 is recorded with every cell. Warm-up and window grow with the closed-loop cycle, and throughput is taken by Little's
 law (see :meth:`Slices.cell`). Writes JSON to ``bench/results/serve-<timestamp>.json`` and prints a Markdown
 table. Method and results: ``docs/benchmark-serve.md``. Usage::
 
     python bench/serve.py                       # both scenarios, concurrency 1 8 64, >= 3 x 2 s per cell
     python bench/serve.py --scenarios demo --duration 3 --concurrency 1 64
+    git worktree add /tmp/base HEAD~1 && python bench/serve.py --scenarios demo --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ class Cell:
     images_per_request: int = 1
     load_average_1m: float = 0.0
     """1-minute load average of the machine right after the cell (the machine is shared: read the numbers with it)"""
+    server_cpu_ms_per_image: float | None = None
+    """CPU time (all threads, user + system) the server process spent per image in the measured windows; (c): the
+    benchmark process's CPU per image. Unlike throughput it barely depends on foreign load: when the cores are
+    saturated, throughput ~ cores / (server + client CPU per image)."""
+    client_cpu_ms_per_image: float | None = None
+    """CPU time of the load generator (this process) per image in the measured windows."""
 
 
 @dataclass
@@ -81,6 +91,8 @@ class Slices:
     batch_count: float = 0.0
     outstanding_images: int = 0
     """Images always in flight in a closed loop (clients x images per request); 0 for the in-process loop."""
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
 
     def add(self, other: Slices) -> None:
         self.outstanding_images = other.outstanding_images
@@ -90,6 +102,8 @@ class Slices:
         self.elapsed += other.elapsed
         self.batch_sum += other.batch_sum
         self.batch_count += other.batch_count
+        self.server_cpu_s += other.server_cpu_s
+        self.client_cpu_s += other.client_cpu_s
 
     def cell(self, scenario: str, mode: str, concurrency: int) -> Cell:
         """Throughput of an HTTP cell by Little's law, ``X = images in flight / mean latency``: in a closed loop it
@@ -113,7 +127,24 @@ class Slices:
             p99_ms=round(1000 * percentile(ordered, 99), 2),
             mean_batch_size=round(self.batch_sum / self.batch_count, 2) if self.batch_count > 0 else None,
             load_average_1m=round(os.getloadavg()[0], 2),
+            server_cpu_ms_per_image=per_image_ms(self.server_cpu_s, self.images),
+            client_cpu_ms_per_image=per_image_ms(self.client_cpu_s, self.images) if self.outstanding_images else None,
         )
+
+
+def per_image_ms(seconds: float, images: int) -> float | None:
+    return round(1000 * seconds / images, 3) if images and seconds > 0 else None
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads; Linux ``/proc``), or of this process."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -134,15 +165,21 @@ def free_port() -> int:
 class Server:
     """``python -m service`` in a subprocess on a free loopback port; waits for ``/readyz``."""
 
-    def __init__(self, env: dict[str, str], config: Path | None, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], config: Path | None, log_path: Path, source: Path = ROOT) -> None:
+        """``source``: the tree whose ``service`` package runs (another checkout for ``--baseline``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
         if config is not None:
             command += ["--config", str(config)]
         self.log = log_path.open("wb")
+        path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+            command,
+            cwd=source,
+            env={**os.environ, **env, "PYTHONPATH": path},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
@@ -187,7 +224,14 @@ def batch_size_totals(metrics_text: str) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- HTTP load
 async def http_load(
-    url: str, model: str, image: bytes, concurrency: int, duration_s: float, warmup_s: float, images_per_request: int
+    url: str,
+    model: str,
+    image: bytes,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    images_per_request: int,
+    server_pid: int | None = None,
 ) -> Slices:
     """One closed-loop slice: ``concurrency`` clients run for ``warmup_s + duration_s`` without pause; only
     requests that COMPLETE inside the last ``duration_s`` count (so neither the ramp-up nor the drain at the end
@@ -219,11 +263,12 @@ async def http_load(
                 else:
                     result.errors += 1
 
-    async def scrape_at(moment: float, scraper: httpx.AsyncClient) -> tuple[float, float]:
+    async def scrape_at(moment: float, scraper: httpx.AsyncClient) -> tuple[float, float, float, float]:
         await asyncio.sleep(max(0.0, moment - time.monotonic()))
-        return batch_size_totals((await scraper.get("/metrics")).text)
+        cpu = (process_cpu_s(server_pid) if server_pid is not None else 0.0), process_cpu_s()
+        return (*batch_size_totals((await scraper.get("/metrics")).text), *cpu)
 
-    async def scrape_window(scraper: httpx.AsyncClient) -> tuple[tuple[float, float], tuple[float, float]]:
+    async def scrape_window(scraper: httpx.AsyncClient) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return await scrape_at(window_start, scraper), await scrape_at(window_end, scraper)
 
     try:
@@ -233,6 +278,7 @@ async def http_load(
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
     result.batch_sum, result.batch_count = after[0] - before[0], after[1] - before[1]
+    result.server_cpu_s, result.client_cpu_s = after[2] - before[2], after[3] - before[3]
     return result
 
 
@@ -276,7 +322,7 @@ def inprocess_load(
     while time.monotonic() < stop_at:
         score_batch(size)
     result = Slices()
-    began = time.monotonic()
+    began, cpu_began = time.monotonic(), process_cpu_s()
     while time.monotonic() < began + duration_s:
         start = time.monotonic()
         score_batch(size)
@@ -285,6 +331,7 @@ def inprocess_load(
         result.batch_sum += size
         result.batch_count += 1
     result.elapsed = time.monotonic() - began
+    result.server_cpu_s = process_cpu_s() - cpu_began
     return result
 
 
@@ -376,15 +423,18 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
         InProcess(config, state_dir).install_energy_state()
     servers: dict[str, Server] = {}
     try:
-        for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
-            env = {
-                "OOD_MAX_BATCH_SIZE": str(batch_size),
-                "OOD_MAX_WAIT_MS": str(args.max_wait_ms),
-                "OOD_STATE_DIR": str(state_dir),
-                "OOD_LOG_LEVEL": "WARNING",
-            }
-            servers[mode] = Server(env, config, workdir / f"{scenario}-{mode}.log")
-            servers[mode].wait_ready()  # one after the other: the first start fits the demo states once
+        sources = [("", ROOT)] + ([("-baseline", args.baseline.resolve())] if args.baseline else [])
+        for suffix, source in sources:
+            for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
+                env = {
+                    "OOD_MAX_BATCH_SIZE": str(batch_size),
+                    "OOD_MAX_WAIT_MS": str(args.max_wait_ms),
+                    "OOD_STATE_DIR": str(state_dir),
+                    "OOD_LOG_LEVEL": "WARNING",
+                }
+                name = mode + suffix
+                servers[name] = Server(env, config, workdir / f"{scenario}-{name}.log", source)
+                servers[name].wait_ready()  # one after the other: the first start fits the demo states once
         models = httpx.get(f"{servers['batched'].url}/v1/models", timeout=10.0).json()["models"]
         info = next(m for m in models if m["task"] == "classification")
         print(f"# {scenario}: model {info['name']}, detectors {info['detectors']}", flush=True)
@@ -403,7 +453,16 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
             totals = {mode: Slices() for mode in (*servers, "inprocess")}
             for _ in range(args.rounds):
                 for mode, server in servers.items():
-                    load = http_load(server.url, model, image, concurrency, slice_s, warmup_s, args.images_per_request)
+                    load = http_load(
+                        server.url,
+                        model,
+                        image,
+                        concurrency,
+                        slice_s,
+                        warmup_s,
+                        args.images_per_request,
+                        server.process.pid,
+                    )
                     totals[mode].add(asyncio.run(load))
                 totals["inprocess"].add(  # in one worker thread, like the service's batcher
                     inprocess.worker.submit(
@@ -428,14 +487,19 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
 
 def markdown(cells: list[Cell]) -> str:
     lines = [
-        "| scenario | mode | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch | errors | load 1m |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | mode | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch | server CPU ms/img "
+        "| client CPU ms/img | errors | load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def fmt(value: float | None, digits: int) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
     for c in cells:
-        batch = "" if c.mean_batch_size is None else f"{c.mean_batch_size:.1f}"
         lines.append(
             f"| {c.scenario} | {c.mode} | {c.concurrency} | {c.images_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} "
-            f"| {c.p99_ms:.1f} | {batch} | {c.errors} | {c.load_average_1m:.1f} |"
+            f"| {c.p99_ms:.1f} | {fmt(c.mean_batch_size, 1)} | {fmt(c.server_cpu_ms_per_image, 2)} "
+            f"| {fmt(c.client_cpu_ms_per_image, 2)} | {c.errors} | {c.load_average_1m:.1f} |"
         )
     by_key = {(c.scenario, c.mode, c.concurrency): c.images_per_s for c in cells}
     lines.append("")
@@ -443,11 +507,17 @@ def markdown(cells: list[Cell]) -> str:
         a = by_key.get((scenario, "batched", concurrency))
         b = by_key.get((scenario, "unbatched", concurrency))
         limit = by_key.get((scenario, "inprocess", concurrency))
+        a0 = by_key.get((scenario, "batched-baseline", concurrency))
+        b0 = by_key.get((scenario, "unbatched-baseline", concurrency))
         ratios = []
         if a and b:
             ratios.append(f"batched/unbatched = {a / b:.2f}x")
         if a and limit:
             ratios.append(f"batched/in-process = {a / limit:.2f}x")
+        if a0 and b0:
+            ratios.append(f"baseline: batched/unbatched = {a0 / b0:.2f}x")
+        if a0 and limit:
+            ratios.append(f"baseline: batched/in-process = {a0 / limit:.2f}x")
         lines.append(f"- {scenario} @ {concurrency}: " + ", ".join(ratios))
     return "\n".join(lines)
 
@@ -463,6 +533,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/serve-*.json)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another source tree (e.g. `git worktree add /tmp/base HEAD~1`): its service runs as modes "
+        "batched-baseline / unbatched-baseline, interleaved in the same rounds (before/after comparisons)",
+    )
     parser.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
@@ -482,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         "argv": sys.argv[1:],
         "python": sys.version.split()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "baseline": str(args.baseline) if args.baseline else None,
     }
     out.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2))
     print(markdown(cells))

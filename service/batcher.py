@@ -18,6 +18,10 @@ shedding:
   its remaining items skipped; ``stop(drain=True)`` refuses new work and finishes everything accepted,
   ``stop(drain=False)`` fails what is still queued with :class:`BatcherClosedError`. Every accepted item ends in a
   result or an exception, never silence.
+
+Per request the event loop does little: one future, one timer handle for the deadline (no ``asyncio.wait`` /
+``wait_for``, which wrap every wait in a task), and the batching loop sleeps on one plain future that ``submit``
+resolves; everything per image that can be vectorized (verdicts, p-values) happens in ``process``, per batch.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self.observer = observer
         self._queue: deque[_Item[T, R]] = deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        """Set while the batching loop waits for work; :meth:`_wake` resolves it."""
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
@@ -152,7 +157,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._task is not None:
             return
         self._closing = False
-        self._wakeup = asyncio.Event()
+        self._waiter = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{self.name or 'model'}")
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
@@ -163,7 +168,7 @@ class DynamicBatcher(Generic[T, R]):
             closed = BatcherClosedError("batcher stopped before this request was processed")
             while self._queue:
                 self._queue.popleft().request.fail(closed)
-        self._wakeup.set()
+        self._wake()
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait({task})
@@ -186,25 +191,31 @@ class DynamicBatcher(Generic[T, R]):
         free = self.max_queue - len(self._queue)
         if len(items) > free:
             raise QueueFullError(self.retry_after_s(len(items) - free))
+        loop = asyncio.get_running_loop()
         now = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request: _Request[T, R] = _Request(
             items=items,
             deadline=now + timeout,
-            future=asyncio.get_running_loop().create_future(),
+            future=loop.create_future(),
             results=[None] * len(items),
             remaining=len(items),
         )
         self._queue.extend(_Item(request, i, now) for i in range(len(items)))
-        self._wakeup.set()
+        self._wake()
+        # one timer handle per request (cheaper than asyncio.wait/wait_for, which wrap the wait in a task)
+        expiry = loop.call_later(timeout, self._expire, request, timeout)
         try:
-            done, _ = await asyncio.wait({request.future}, timeout=max(0.0, request.deadline - time.monotonic()))
+            return await request.future  # a cancelled caller cancels the future too
         except asyncio.CancelledError:
             self._abandon(request, None)
             raise
-        if not done:
+        finally:
+            expiry.cancel()
+
+    def _expire(self, request: _Request[T, R], timeout: float) -> None:
+        if not request.future.done():
             self._abandon(request, RequestTimeoutError(f"request not processed within {timeout:.3f} s"))
-        return request.future.result()
 
     def _abandon(self, request: _Request[T, R], error: BaseException | None) -> None:
         """Drop the request's queued items; fail its future with ``error`` or cancel it."""
@@ -215,6 +226,24 @@ class DynamicBatcher(Generic[T, R]):
         self._queue = deque(item for item in self._queue if item.request is not request)
 
     # ------------------------------------------------------------------ batching loop
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_for_work(self, until: float | None) -> None:
+        """Return when :meth:`_wake` is called or (``until`` not None) at ``until`` (monotonic seconds)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = None if until is None else loop.call_later(max(0.0, until - time.monotonic()), self._wake)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
     async def _next_item(self, until: float | None) -> _Item[T, R] | None:
         """Pop the oldest live item; wait for one until ``until`` (forever if None). None on timeout/closing."""
         while True:
@@ -224,17 +253,9 @@ class DynamicBatcher(Generic[T, R]):
                     return item
             if self._closing:
                 return None
-            self._wakeup.clear()
-            if until is None:
-                await self._wakeup.wait()
-                continue
-            remaining = until - time.monotonic()
-            if remaining <= 0:
+            if until is not None and until - time.monotonic() <= 0:
                 return None
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return None
+            await self._wait_for_work(until)
 
     async def _collect(self) -> list[_Item[T, R]] | None:
         """Form one batch; None once closing and nothing is left."""

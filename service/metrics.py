@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.runtime import ServedModel
+from service.scoring import ItemResult
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -91,6 +92,9 @@ class ServiceMetrics:
             registry=r,
         )
         r.register(_LiveCollector(models))
+        # labelled children, looked up once per label set (``labels()`` takes a lock and validates every call)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._score_children: dict[tuple[str, str], tuple[Histogram, Histogram, Counter, Counter]] = {}
 
     def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None:
         self.batch_size.labels(name).observe(size)
@@ -100,14 +104,41 @@ class ServiceMetrics:
         self.compute.labels(name).observe(compute_s)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route, str(status)).observe(seconds)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            labels = (method, route, str(status))
+            children = self._request_children[key] = (
+                self.requests.labels(*labels),
+                self.latency.labels(*labels),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _score_metrics(self, model: str, detector: str) -> tuple[Histogram, Histogram, Counter, Counter]:
+        key = (model, detector)
+        children = self._score_children.get(key)
+        if children is None:
+            children = self._score_children[key] = (
+                self.scores.labels(model, detector),
+                self.p_values.labels(model, detector),
+                self.verdicts.labels(model, detector, "ood"),
+                self.verdicts.labels(model, detector, "id"),
+            )
+        return children
 
     def observe_score(
         self, model: str, detector: str, score: float, is_ood: bool | None, p_value: float | None
     ) -> None:
-        self.scores.labels(model, detector).observe(score)
+        scores, p_values, ood, in_distribution = self._score_metrics(model, detector)
+        scores.observe(score)
         if is_ood is not None:
-            self.verdicts.labels(model, detector, "ood" if is_ood else "id").inc()
+            (ood if is_ood else in_distribution).inc()
         if p_value is not None:
-            self.p_values.labels(model, detector).observe(p_value)
+            p_values.observe(p_value)
+
+    def observe_verdicts(self, model: str, results: Iterable[ItemResult]) -> None:
+        """Score, verdict and p-value metrics of classification results (``ItemResult.verdicts``)."""
+        for result in results:
+            for detector, verdict in result.verdicts.items():
+                self.observe_score(model, detector, result.scores[detector], verdict["is_ood"], verdict["p_value"])

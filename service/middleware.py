@@ -3,14 +3,19 @@
 The body limit is enforced on the bytes actually received (``Content-Length`` is checked on the first read): an
 oversized body raises :class:`~service.errors.PayloadTooLargeError` inside the route, so it is answered through
 the app's exception table like every other error.
+
+Request ids: an incoming printable ``X-Request-ID`` of 1-128 characters is kept (so a caller's id follows the
+request through the logs); otherwise the id is 32 hex digits, a random 64-bit prefix drawn once per process
+followed by a 64-bit counter: unique within the process, practically unique across processes, and ~10x cheaper
+than ``uuid4`` (which reads ``os.urandom`` on every request). Request ids are correlation ids, not secrets.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +24,23 @@ from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger("service.access")
+
+
+class RequestIds:
+    """``<16 hex: random per process><16 hex: counter>``; a forked child draws a new prefix on first use."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._prefix, self._counter = os.getpid(), os.urandom(8).hex(), itertools.count(1)
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_request_ids = RequestIds()
 
 
 def _route_template(scope: Scope) -> str:
@@ -37,16 +59,19 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        incoming = headers.get("x-request-id", "")
-        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        incoming = declared = ""
+        for key, value in scope.get("headers", ()):  # ASGI header names are lower-case bytes
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+            elif key == b"content-length":
+                declared = value.decode("latin-1")
+        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else _request_ids.next()
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
         limit = self.max_body_bytes
         received = 0
-        declared = headers.get("content-length", "")
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -63,8 +88,7 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -73,12 +97,13 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - started
             route = _route_template(scope)
             self.metrics.observe_request(scope["method"], route, status, seconds)
-            extra: dict[str, Any] = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "route": route,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 2),
-            }
-            logger.info("request", extra=extra)
+            if logger.isEnabledFor(logging.INFO):
+                extra = {
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                }
+                logger.info("request", extra=extra)
             request_id_var.reset(token)

@@ -42,10 +42,10 @@ class Preprocessor:
             ch, cw = self.config.crop
             left, top = (width - cw) // 2, (height - ch) // 2
             image = image.crop((left, top, left + cw, top + ch))
-        array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        if self.channels == 1:  # one copy out of Pillow, no transpose needed
+            tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, image.height, image.width)
+        else:  # H x W x C -> C x H x W in one numpy copy
+            tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
         if tuple(tensor.shape[1:]) != tuple(self.input_size):
             raise ValueError(f"preprocessing yields {tuple(tensor.shape[1:])}, model expects {self.input_size}")
         return tensor

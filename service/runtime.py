@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,9 @@ class ServedModel:
         self.detectors: dict[str, ActiveDetector] = {}
         """Active detectors; replaced as a whole (copy-on-write) on every change."""
         self.batcher: Any = None
+        self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        """Requests of this model decoding in the thread pool at once: one per CPU (the pool allows 40 threads, which
+        on a small CPU oversubscribes the cores the forward needs; decoders release the GIL, so more gain nothing)."""
         self.probe: dict[str, Tensor] = self.forward([self.blank_pixels()] * 2)
         self.dims = {kind: int(t.shape[1]) for kind, t in self.probe.items()}
         if self.dims["logits"] != config.num_classes:
