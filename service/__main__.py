@@ -1,9 +1,17 @@
-"""``ood-serve`` / ``python -m service``: run the service with uvicorn."""
+"""``ood-serve`` / ``python -m service``: run the service with uvicorn.
+
+Before torch is imported, ``OMP_WAIT_POLICY`` defaults to ``PASSIVE``: OpenMP threads that spin while waiting
+made forwards several times slower on shared or CPU-limited cores (docs/benchmark-serve.md). Set the variable to
+override it.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP runtime starts
+
+import argparse
 import signal
 from types import FrameType
 
