@@ -128,7 +128,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc_type, _handler(status, title))
     app.add_exception_handler(StarletteHTTPException, _handler(None))
     app.add_exception_handler(Exception, _handler(None, outermost=True))
-    app.add_middleware(RequestContextMiddleware, metrics=context.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=context.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_state_bytes=settings.max_state_bytes,
+    )
     for module in (health, models, detectors, score, segment, fit):
         app.include_router(module.router)
     return app

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,8 @@ from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger("service.access")
+STATE_UPLOAD = re.compile(r"/v1/models/[^/]+/detectors/[^/]+")
+"""Paths whose ``PUT`` is a detector state upload (limited by ``max_state_bytes``, not ``max_body_bytes``)."""
 
 
 class RequestIds:
@@ -50,10 +53,11 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int, max_state_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_state_bytes = max_state_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +74,8 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
-        limit = self.max_body_bytes
+        upload = scope["method"] == "PUT" and STATE_UPLOAD.fullmatch(scope["path"]) is not None
+        limit = self.max_state_bytes if upload else self.max_body_bytes
         received = 0
 
         async def limited_receive() -> Message:

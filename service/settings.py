@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     """File with one API key per line (blank lines and ``#`` comments ignored)."""
     require_auth_for_read: bool = False
     max_body_mb: float = Field(default=32.0, gt=0)
+    """Request bodies (images, fits); detector state uploads have their own limit, ``max_state_mb``."""
+    max_state_mb: float = Field(default=1024.0, gt=0)
+    """Detector state uploads (``PUT``): a KNN state holds its whole ID feature bank (50,000 x 512 is 100 MB)."""
     max_images_per_request: int = Field(default=64, gt=0)
     max_pixels: int = Field(default=25_000_000, gt=0)
     """Refuse an image whose header announces more pixels than this, before decoding it."""
@@ -196,6 +199,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_state_bytes(self) -> int:
+        return int(self.max_state_mb * 1024 * 1024)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

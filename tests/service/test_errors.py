@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.settings import ModelConfig, NodesConfig, Settings
-from tests.service.conftest import AppRunner, digit_png, noise_png, png_bytes
+from tests.service.conftest import AUTH, AppRunner, digit_png, noise_png, png_bytes
 
 pytestmark = pytest.mark.timeout(120)
 SCORE = "/v1/models/digits/score"
@@ -66,6 +66,21 @@ def test_oversized_body_is_413_with_and_without_content_length(app: AppRunner) -
 
     headers = {"Content-Type": "application/json"}
     assert_problem(app.post(SCORE, content=chunks(), headers=headers), 413, "exceeds the limit")
+
+
+def test_state_uploads_have_their_own_size_limit(app: AppRunner, module_settings: Settings) -> None:
+    state = app.get("/v1/models/digits/detectors/knn").content
+    assert len(state) > app.context.settings.max_body_bytes  # a feature bank is larger than any image request
+    response = app.put("/v1/models/digits/detectors/knn-big", content=state, headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert app.delete("/v1/models/digits/detectors/knn-big", headers=AUTH).status_code == 204
+
+    runner = AppRunner(module_settings.model_copy(update={"max_state_mb": 0.01}))
+    try:
+        assert_problem(runner.put("/v1/models/digits/detectors/knn-big", content=state, headers=AUTH), 413, "limit")
+        assert "knn-big" not in {d["name"] for d in runner.get("/v1/models/digits/detectors").json()["detectors"]}
+    finally:
+        runner.close()
 
 
 def test_image_with_too_many_pixels_is_413_before_decoding(app: AppRunner) -> None:
