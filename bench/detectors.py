@@ -2,8 +2,9 @@
 
 Synthetic, seeded features: N ID samples of dimension D in C Gaussian classes (default 50,000 x 512, 100
 classes) and a separate set of test points (default 10,000) for ``predict_features``. Both libraries get the
-same float32 tensors. Times are medians of ``--repeats`` runs, ours and pytorch-ood alternating (the ratio
-of the minima is printed too: on a shared machine it is the least disturbed by other processes).
+same float32 tensors. Times are medians of ``--repeats`` runs, ours and pytorch-ood alternating, the order
+swapped at every repeat (the ratio of the minima is printed too: on a shared machine it is the least disturbed
+by other processes). The load average at the start and the end is printed and stored.
 
 Peak memory is the peak of live torch tensor storages created during ``fit(loader)`` (a
 ``TorchDispatchMode`` tracker; the loader's batches are views of the pre-built data set, which is not
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -76,12 +78,14 @@ class PeakTensorMemory(TorchDispatchMode):
 def timed_pair(
     ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
 ) -> tuple[list[float], list[float], Any, Any]:
-    """Run ours and theirs alternately ``repeats`` times (so that load from other processes on a shared
-    machine hits both alike); returns both lists of seconds and the last results."""
+    """Run ours and theirs alternately ``repeats`` times, swapping which goes first each time (so that load
+    from other processes on a shared machine hits both alike); returns both lists of seconds and the last
+    results."""
     times: tuple[list[float], list[float]] = ([], [])
     results: list[Any] = [None, None]
-    for _ in range(repeats):
-        for i, fn in enumerate((ours, theirs)):
+    for rep in range(repeats):
+        order = ((0, ours), (1, theirs)) if rep % 2 == 0 else ((1, theirs), (0, ours))  # alternate who goes first
+        for i, fn in order:
             start = time.perf_counter()
             results[i] = fn()
             times[i].append(time.perf_counter() - start)
@@ -128,10 +132,20 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--batch", type=int, default=1000, help="loader batch size for the memory measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="limit torch and the BLAS / OpenMP pools to this many threads"
+    )
+    parser.add_argument("--only", default="", help="comma-separated detectors to time (default: all)")
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure the fits' peak memory")
     parser.add_argument("--pood-path", default="/tmp/pood")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "detectors.json"))
     args = parser.parse_args()
 
+    if args.threads > 0:  # torch's own pool, and the BLAS / OpenMP pools of scipy and scikit-learn
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     if Path(args.pood_path).is_dir():
         sys.path.insert(0, args.pood_path)
     try:
@@ -154,14 +168,20 @@ def main() -> None:
         "ViM": lambda: pood.ViM(None, d=args.vim_d, w=w, b=b),
         "KNN": lambda: pood.KNN(None, k=args.k),
     }
+    if args.only:
+        unknown = set(args.only.split(",")) - set(ours)
+        if unknown:
+            raise SystemExit(f"unknown detectors {sorted(unknown)}; choose from {sorted(ours)}")
+        ours = {name: make for name, make in ours.items() if name in args.only.split(",")}
     results: dict[str, Any] = {
         "config": {**vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "load_average_start": os.getloadavg(),
         "pytorch_ood": pood_version,
         "detectors": {},
     }
     print(
         f"N={args.n} D={args.dim} C={args.classes} test={args.n_test}, median of {args.repeats}, "
-        f"{torch.get_num_threads()} threads, pytorch-ood {pood_version}"
+        f"{torch.get_num_threads()} threads, pytorch-ood {pood_version}, load average {os.getloadavg()[0]:.2f}"
     )
     header = (
         f"{'detector':<12}{'fit ours':>10}{'fit pood':>10}{'ratio':>7}{'pred ours':>11}{'pred pood':>11}{'ratio':>7}"
@@ -198,6 +218,20 @@ def main() -> None:
             f"   scores = {row['agreement']['scale']:.4g} x pood (max rel. dev. {row['agreement']['max_rel_dev']:.1e})"
         )
 
+    results["load_average_end"] = os.getloadavg()
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    if not args.skip_memory:
+        measure_memory(args, x, y, pood, results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+def measure_memory(
+    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, pood: Any, results: dict[str, Any]
+) -> None:
+    """Peak tensor memory of the streaming Gaussian fits (ours and pytorch-ood's) over a loader."""
     print(
         f"\npeak tensor memory of fit(loader), batches of {args.batch}; data set = "
         f"{x.numel() * 4 / 2**20:.0f} MiB float32, D^2 float64 = {args.dim**2 * 8 / 2**20:.1f} MiB"
@@ -216,10 +250,6 @@ def main() -> None:
         memory[name] = tracker.peak
         print(f"  {name:<18}{tracker.peak / 2**20:>9.1f} MiB")
     results["fit_peak_tensor_bytes"] = memory
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector, TensorSpec
-from ood_core.detector.mahalanobis import ClassGaussianStats, min_mahalanobis, pooled_features, robust_precision
+from ood_core.gaussian import ClassGaussianStats, min_mahalanobis, pooled_features, robust_precision
 
 
 class MultiMahalanobis(Detector):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector, TensorSpec
-from ood_core.detector.mahalanobis import (
+from ood_core.gaussian import (
     ClassGaussianStats,
     min_mahalanobis,
     output_dtype,
@@ -31,7 +31,7 @@ class RMD(Detector):
     :math:`d_0(z) = (z-\mu_0)^\top \Sigma_0^{-1} (z-\mu_0)` a single "background" Gaussian fitted to all ID
     features (maximum likelihood: total scatter / N). Labels < 0 are ignored.
 
-    Both Gaussians come from one streaming pass (:class:`~ood_core.detector.mahalanobis.ClassGaussianStats`;
+    Both Gaussians come from one streaming pass (:class:`~ood_core.gaussian.ClassGaussianStats`;
     total scatter = within + between-class scatter), in float64; the state is float64 and the precisions are
     pseudo-inverses. ``B x C x H x W`` feature maps are averaged over space.
 

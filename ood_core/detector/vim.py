@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector, TensorSpec, known_mask
-from ood_core.detector.mahalanobis import CHUNK_ROWS
+from ood_core.gaussian import CHUNK_ROWS
+from ood_core.utils import add_gram, symmetric_from_upper
 
 
 class ViM(Detector):
@@ -31,8 +32,10 @@ class ViM(Detector):
     with the sign flipped so that higher is more OOD.
 
     Fit: ``alpha`` needs the residual norms, i.e. a second pass after the eigendecomposition, so the ID
-    features are kept during the fit (as in the paper's code); the moment (accumulated over row chunks),
-    the eigendecomposition and alpha are float64. :meth:`predict_features` computes in float32 (float64 for
+    features are kept during the fit (as in the paper's code). The moment is accumulated in float64 over row
+    chunks, each chunk's product in the features' dtype (float32 GEMM, or float64 for float64 features);
+    the eigendecomposition is float64; the residual norms and logits for alpha are in the features' dtype,
+    summed in float64. :meth:`predict_features` computes in float32 (float64 for
     float64 input), like the network's own logits. State: ``w``, ``b`` (float32, the constructor's), ``u``,
     ``principal`` (the ``d`` orthonormal principal directions, ``D x d``) and ``alpha`` (float64).
     Labels < 0 are ignored.
@@ -64,6 +67,7 @@ class ViM(Detector):
             raise ValueError(f"w must be C x D and b of size C, got {tuple(w.shape)} and {tuple(b.shape)}")
         self.w, self.b = w.to(torch.float32).clone(), b.to(torch.float32).clone()
         self.u = -(torch.linalg.pinv(self.w.to(torch.float64)) @ self.b.to(torch.float64))
+        self._work_cache: tuple[Tensor, Tensor, tuple[int, int, torch.dtype], Tensor, Tensor] | None = None
 
     def hparams(self) -> dict[str, Any]:
         return {"d": self.d}
@@ -89,9 +93,17 @@ class ViM(Detector):
         dtype = x.dtype if x.is_floating_point() else torch.float32
         return x.to(dtype) @ self.w.to(dtype).T + self.b.to(dtype)
 
+    def _finish_fit(self) -> None:
+        if len(self._fit_buffer) == 1 and isinstance(self._fit_buffer[0][0], Tensor):  # no copy for one batch
+            (z, y), self._fit_buffer = self._fit_buffer[0], []
+            self._fit_all(z, y)
+        else:
+            super()._finish_fit()
+
     def _fit_all(self, z: Tensor, y: Tensor) -> None:
         z = self._to_device(z.detach().flatten(1))
-        z = z[known_mask(y.reshape(-1).to(z.device))]
+        known = known_mask(y.reshape(-1).to(z.device))
+        z = z if bool(known.all()) else z[known]
         if z.shape[0] == 0:
             raise ValueError("no in-distribution samples (labels >= 0) to fit on")
         dim = z.shape[1]
@@ -100,15 +112,32 @@ class ViM(Detector):
         if self.d >= dim:
             warnings.warn(f"d={self.d} >= feature dimension {dim}: using d={dim // 2}", stacklevel=3)
             self.d = dim // 2
+        work = torch.float64 if z.dtype == torch.float64 else torch.float32
+        origin = self.u.to(work)  # u rounded to the working dtype; the rounding is corrected exactly below
         moment = z.new_zeros(dim, dim, dtype=torch.float64)
+        total = z.new_zeros(dim, dtype=torch.float64)
         for rows in z.split(CHUNK_ROWS):
-            centred = rows.to(torch.float64) - self.u
-            moment += centred.T @ centred
+            shifted = rows.to(work) - origin
+            add_gram(moment, shifted)
+            total += shifted.sum(0).to(torch.float64)  # only enters the (tiny) correction for rounding u
+        # sum (x-u)(x-u)^T = sum (s-e)(s-e)^T with s = x - origin, e = u - origin (exact float64 algebra)
+        error = self.u - origin.to(torch.float64)
+        moment = symmetric_from_upper(moment) - torch.outer(error, total) - torch.outer(total, error)
+        moment += z.shape[0] * torch.outer(error, error)
         _, vectors = torch.linalg.eigh((moment + moment.T) / (2 * z.shape[0]))  # ascending eigenvalues
         self.principal = vectors[:, dim - self.d :].contiguous()
-        residual = torch.cat([self.residual_norm(rows) for rows in z.split(CHUNK_ROWS)])
-        max_logit = self.logits(z).max(1).values.to(torch.float64)
-        self.alpha = (max_logit.mean() / residual.mean()).reshape(1)
+        residual = torch.cat([self.residual_norm(rows, work) for rows in z.split(CHUNK_ROWS)])
+        max_logit = self.logits(z).max(1).values
+        self.alpha = (max_logit.sum(dtype=torch.float64) / residual.sum(dtype=torch.float64)).reshape(1)
+
+    def _work_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``u`` and ``principal`` in ``dtype``, cached (keyed on the tensors themselves and their in-place
+        version counters) so that predicting converts nothing per call."""
+        u, principal, cache = self.u, self.principal, self._work_cache
+        versions = (u._version, principal._version, dtype)
+        if cache is None or cache[0] is not u or cache[1] is not principal or cache[2] != versions:
+            cache = self._work_cache = (u, principal, versions, u.to(dtype), principal.to(dtype))
+        return cache[3], cache[4]
 
     def residual_norm(self, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         r""":math:`\lVert x^{P^\perp}\rVert = \lVert (x-u) - P P^\top (x-u) \rVert`, computed in ``dtype``.
@@ -116,9 +145,9 @@ class ViM(Detector):
         Two GEMMs with the ``d`` principal columns instead of one with the ``D - d`` residual ones. The residual
         vector is formed directly (no difference of squared norms), so its rounding error is about
         ``eps · ||x - u||`` and does not blow up when the residual is small."""
-        centred = x.to(dtype) - self.u.to(dtype)
-        principal = self.principal.to(dtype)
-        return (centred - (centred @ principal) @ principal.T).norm(dim=1)
+        u, principal = self._work_tensors(dtype)
+        centred = x.to(dtype) - u
+        return torch.addmm(centred, centred @ principal, principal.T, alpha=-1.0).norm(dim=1)
 
     def predict_features(self, x: Tensor) -> Tensor:
         """:param x: ``B x D`` features; returns ``B`` scores"""

@@ -70,3 +70,41 @@ def test_bank_does_not_alias_the_fitted_tensor() -> None:
     before = det.predict_features(torch.zeros(1, 3))
     x.mul_(100.0)
     torch.testing.assert_close(det.predict_features(torch.zeros(1, 3)), before)
+
+
+@pytest.mark.parametrize("factors", [(4, 16), (1,)])  # (1,): every query falls back to the exhaustive search
+def test_bfloat16_preselection_is_exact(monkeypatch, factors: tuple[int, ...]) -> None:
+    """The bfloat16 pre-selection (large normalized banks) returns the exhaustive search's k-th distance, also
+    with duplicates, near-ties and queries equal to bank rows (distance 0)."""
+    monkeypatch.setattr(knn_module, "PRESELECT_MIN_BANK", 1)
+    monkeypatch.setattr(knn_module, "bf16_matmul_is_fast", lambda device_type: True)  # whatever this CPU has
+    monkeypatch.setattr(knn_module, "PRESELECT_FACTORS", factors)
+    monkeypatch.setattr(knn_module, "MAX_BLOCK_ELEMENTS", 40_000)  # several query blocks
+    g = torch.Generator().manual_seed(5)
+    centres = torch.randn(8, 64, generator=g)
+    y = torch.randint(0, 8, (3000,), generator=g)
+    bank = centres[y] + 0.7 * torch.randn(3000, 64, generator=g)
+    bank[1000:1100] = bank[:100]  # exact duplicates
+    bank[2000:2050] = bank[2050:2100] + 1e-4 * torch.randn(50, 64, generator=g)  # near-ties
+    det = KNN(None, k=10).fit_features(bank, y)
+    query = torch.cat([centres + 0.7 * torch.randn(8, 64, generator=g), bank[:20], torch.randn(30, 64, generator=g)])
+    unit = lambda z: z / z.norm(dim=1, keepdim=True)  # noqa: E731
+    expected = torch.cdist(unit(query).double(), unit(bank).double()).sort(1).values[:, 9]
+    torch.testing.assert_close(det.predict_features(query).double(), expected, rtol=1e-5, atol=2e-6)
+    # and the cached bfloat16 bank follows the bank when it changes
+    det.bank = det.bank[:2000].clone()
+    expected = torch.cdist(unit(query).double(), unit(bank[:2000]).double()).sort(1).values[:, 9]
+    torch.testing.assert_close(det.predict_features(query).double(), expected, rtol=1e-5, atol=2e-6)
+
+
+def test_bfloat16_preselection_only_where_bfloat16_is_fast(monkeypatch) -> None:
+    """Without bfloat16 dot products (emulated bfloat16 is slower than float32) the exact search is used."""
+    gate = knn_module.bf16_matmul_is_fast
+    assert gate("cuda") and not gate("meta")
+    monkeypatch.setattr(knn_module, "PRESELECT_MIN_BANK", 1)
+    monkeypatch.setattr(knn_module, "bf16_matmul_is_fast", lambda device_type: False)
+    called = []
+    monkeypatch.setattr(knn_module, "preselected_kth_distance", lambda *args: called.append(args))
+    det = KNN(None, k=2).fit_features(torch.randn(50, 8), torch.zeros(50).long())
+    assert det.predict_features(torch.randn(4, 8)).shape == (4,)
+    assert not called

@@ -4,6 +4,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -62,22 +63,26 @@ def fit_and_measure(count: int) -> tuple[int, int]:
     return max(peaks), mode.largest
 
 
-def test_streaming_fit_equals_fit_on_concatenation() -> None:
-    batches = make_batches(200)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_streaming_fit_equals_fit_on_concatenation(dtype: torch.dtype, tol: float) -> None:
+    """float64 features are accumulated in float64 throughout; float32 features are multiplied in float32
+    per chunk (sums in float64), so the state agrees with the float64 textbook estimate to float32 rounding."""
+    batches = [(x.to(dtype), y) for x, y in make_batches(200)]
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     for cls in (Mahalanobis, RMD):
         streamed = cls(torch.nn.Identity()).fit(batches)
         whole = cls(None).fit_features(x, y)
         for name in cls.state_spec:
-            torch.testing.assert_close(getattr(streamed, name), getattr(whole, name), rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(getattr(streamed, name), getattr(whole, name), rtol=tol, atol=tol)
     # and the state is the textbook estimate (class means, pooled scatter / N) on the ID samples
     known = y >= 0
     mu = torch.stack([x[y == c].double().mean(0) for c in range(CLASSES)])
     centred = x[known].double() - mu[y[known]]
     cov = centred.T @ centred / known.sum()
-    torch.testing.assert_close(whole.mu, mu)
-    torch.testing.assert_close(whole.precision, torch.linalg.inv(cov))
+    for fitted in (whole, streamed):
+        torch.testing.assert_close(fitted.mu, mu, rtol=tol, atol=tol)
+        torch.testing.assert_close(fitted.precision, torch.linalg.inv(cov), rtol=tol, atol=tol)
 
 
 def test_streaming_fit_memory_does_not_grow_with_batches() -> None:
@@ -88,3 +93,16 @@ def test_streaming_fit_memory_does_not_grow_with_batches() -> None:
     assert largest_200 == largest_20
     assert live_200 < data_bytes / 4
     assert largest_200 <= max(DIM * DIM, CLASSES * DIM, BATCH * DIM) * 8
+
+
+def test_mixed_precision_batches_give_the_same_state() -> None:
+    """A float64 batch followed by float32 ones (the working dtype changes mid-fit) gives the state of the
+    float64 concatenation, to float32 rounding."""
+    batches = make_batches(30)
+    mixed = [(x.double(), y) if i == 0 else (x, y) for i, (x, y) in enumerate(batches)]
+    streamed = Mahalanobis(torch.nn.Identity()).fit(mixed)
+    whole = Mahalanobis(None).fit_features(
+        torch.cat([b[0] for b in batches]).double(), torch.cat([b[1] for b in batches])
+    )
+    torch.testing.assert_close(streamed.mu, whole.mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed.precision, whole.precision, rtol=1e-5, atol=1e-5)

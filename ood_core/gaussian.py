@@ -1,0 +1,220 @@
+"""Streaming class-conditional Gaussian statistics and batched Mahalanobis kernels.
+
+Shared by :mod:`~ood_core.detector.mahalanobis`, :mod:`~ood_core.detector.rmd`,
+:mod:`~ood_core.detector.multi_mahalanobis` and :mod:`~ood_core.detector.vim`: fits accumulate sufficient statistics
+(counts, sums, scatter) in float64 over a stream of batches, in memory O(D^2 + batch); distances are computed in
+blocks that bound memory for many classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ood_core.api import known_mask
+from ood_core.utils import add_gram, symmetric_from_upper
+
+#: most elements of one ``batch x classes`` distance block (bounds memory for very many classes)
+MAX_BLOCK_ELEMENTS = 1 << 24
+#: rows shifted and multiplied at a time while fitting (bounds the fit's working memory for a large batch)
+CHUNK_ROWS = 4096
+#: largest condition number bound for which :func:`robust_precision` inverts through Cholesky
+MAX_CHOLESKY_CONDITION = 1e8
+
+
+class ClassGaussianStats:
+    r"""Streaming per-class counts, means and pooled within-class scatter, accumulated in float64.
+
+    Each class ``c`` gets a reference point :math:`r_c` (its mean in the first chunk where it occurs, rounded
+    to the working dtype; all references move to the running means whenever the number of samples seen has
+    doubled since the last move, i.e. ``O(log N)`` times, see :meth:`_move_references`). Chunks of at most
+    ``CHUNK_ROWS`` rows are shifted by their rows' class references, :math:`s_i = z_i - r_{y_i}`, and the sums :math:`\sum s` (per class) and
+    :math:`\sum s s^\top` (pooled) are added to float64 accumulators. At the end, with
+    :math:`d_c = \frac{1}{n_c}\sum_{y_i=c} s_i`, the class means are :math:`r_c + d_c` and the pooled scatter
+    is :math:`\sum_i s_i s_i^\top - \sum_c n_c d_c d_c^\top` (exact algebra; as :math:`r_c` is close to the
+    class mean, the shifted values are small and the correction causes no cancellation).
+
+    Working dtype: float64 features are shifted and multiplied in float64 (a float64 GEMM); float32 (or
+    lower) features in float32: each chunk's ``sᵀs`` is one float32 GEMM (products and the sum over one
+    chunk rounded to float32, relative error about 1e-7 per entry, about the precision of float32
+    features) before it is added in float64, and so are the class sums of one chunk (small values: the
+    references follow the means). Pass float64 features to keep every digit of an
+    ill-conditioned covariance. Peak memory is ``O(C·D + D²)`` plus one chunk, whatever the number of batches.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Tensor | None = None  # (C,) float64
+        self.ref: Tensor | None = None  # (C, D) float64, exactly representable in the working dtype
+        self.sums: Tensor | None = None  # (C, D) float64, sum of z - ref_y per class
+        self.gram: Tensor | None = None  # (D, D) float64, upper triangle of sum (z - ref_y)(z - ref_y)^T
+        self.correction: Tensor | None = None  # (D, D) float64, its symmetric part is added to the scatter
+        self.moved_at = 0.0  # number of samples when the references were last moved
+        self._ref_work: Tensor | None = None  # ref in the working dtype
+
+    def update(self, z: Tensor, y: Tensor) -> None:
+        """Fold in features ``z`` (``N x D``) with labels ``y``; labels < 0 (OOD) are ignored."""
+        y = y.reshape(-1).to(z.device)
+        if z.dim() != 2 or z.shape[0] != y.shape[0]:
+            raise ValueError(f"expected N x D features and N labels, got {tuple(z.shape)} and {tuple(y.shape)}")
+        keep = known_mask(y)
+        z, y = (z.detach(), y.long()) if bool(keep.all()) else (z.detach()[keep], y[keep].long())
+        if self.gram is None:
+            dim = z.shape[1]
+            self.counts = torch.zeros(0, dtype=torch.float64, device=z.device)
+            self.ref = torch.zeros(0, dim, dtype=torch.float64, device=z.device)
+            self.sums = torch.zeros(0, dim, dtype=torch.float64, device=z.device)
+            self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=z.device)
+            self.correction = torch.zeros(dim, dim, dtype=torch.float64, device=z.device)
+        assert self.counts is not None and self.ref is not None and self.sums is not None
+        if z.shape[1] != self.ref.shape[1]:
+            raise ValueError(f"feature dimension changed from {self.ref.shape[1]} to {z.shape[1]}")
+        if y.numel() == 0:
+            return
+        classes = max(int(y.max()) + 1, self.ref.shape[0])
+        if classes > self.ref.shape[0]:  # new labels: grow with empty classes
+            grow = classes - self.ref.shape[0]
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
+            self.ref = torch.cat([self.ref, self.ref.new_zeros(grow, self.ref.shape[1])])
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
+            self._ref_work = None
+        work = torch.float64 if z.dtype == torch.float64 else torch.float32
+        for rows, labels in zip(z.split(CHUNK_ROWS), y.split(CHUNK_ROWS), strict=True):
+            self._merge(rows.to(work), labels)
+
+    def _merge(self, z: Tensor, y: Tensor) -> None:
+        """Add one chunk (in the working dtype) to the float64 sums."""
+        assert self.counts is not None and self.ref is not None and self.sums is not None
+        assert self.gram is not None
+        chunk_counts = torch.bincount(y, minlength=self.ref.shape[0]).to(torch.float64)
+        new = (self.counts == 0) & (chunk_counts > 0)
+        total = float(self.counts.sum())
+        if total > 0 and total >= 2 * self.moved_at:  # the data seen has doubled: re-centre every class
+            self._move_references(self.counts > 0, z.dtype)
+            self.moved_at = total
+        if bool(new.any()):  # first rows of these classes: their chunk mean becomes the reference
+            rows = new[y]  # (any point near the mean is a good reference: the working dtype is enough)
+            sums = torch.zeros(self.ref.shape, dtype=z.dtype, device=z.device).index_add_(0, y[rows], z[rows])
+            mean = (sums / chunk_counts.clamp_min(1.0).to(z.dtype)[:, None]).to(torch.float64)
+            self.ref = torch.where(new[:, None], mean, self.ref)
+            self._ref_work = None
+            if self.moved_at == 0:
+                self.moved_at = float(chunk_counts.sum())
+        if self._ref_work is None or self._ref_work.dtype != z.dtype:
+            if bool((self.ref.to(z.dtype).to(torch.float64) != self.ref).any()):  # float64 before, now float32
+                self._move_references(self.counts > 0, z.dtype)  # to references that float32 represents
+            self._ref_work = self.ref.to(z.dtype)
+        shifted = z - self._ref_work.index_select(0, y)
+        chunk_sums = torch.zeros(self.sums.shape, dtype=z.dtype, device=z.device).index_add_(0, y, shifted)
+        self.sums += chunk_sums
+        add_gram(self.gram, shifted)
+        self.counts = self.counts + chunk_counts
+
+    def _move_references(self, classes: Tensor, dtype: torch.dtype) -> None:
+        r"""Move the references of ``classes`` (a mask) to their current means (rounded to ``dtype``), so that
+        the shifted values stay close to zero. Exact float64 update: with :math:`r' = r + \delta` and
+        :math:`S = \sum s`, :math:`\sum s' s'^\top = \sum s s^\top - \delta S^\top - S \delta^\top
+        + n \delta \delta^\top` (kept, summed over the classes, in ``correction`` as the non-symmetric
+        :math:`(n\delta - 2S)^\top \delta`, whose symmetric part it is) and :math:`S' = S - n \delta`."""
+        assert self.counts is not None and self.ref is not None and self.sums is not None
+        assert self.correction is not None
+        n, ref, sums = self.counts[classes], self.ref[classes], self.sums[classes]
+        moved = (ref + sums / n[:, None]).to(dtype).to(torch.float64)
+        delta = moved - ref
+        self.correction += (delta * n[:, None] - 2 * sums).T @ delta
+        self.sums[classes] = sums - delta * n[:, None]
+        self.ref[classes] = moved
+        self._ref_work = None
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(counts, means, within-class covariance = scatter / N)``; every class ``0..C-1`` must occur."""
+        if self.counts is None or self.ref is None or self.sums is None or self.gram is None:
+            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
+        if self.counts.sum() == 0:
+            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
+        missing = (self.counts == 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"classes {missing[:10]} have no samples; labels must be 0..C-1 with all classes present")
+        assert self.correction is not None
+        shift = self.sums / self.counts[:, None]
+        scatter = symmetric_from_upper(self.gram) + (self.correction + self.correction.T) / 2
+        scatter -= (shift * self.counts[:, None]).T @ shift
+        return self.counts, self.ref + shift, scatter / self.counts.sum()
+
+    def total_covariance(self) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of all ID samples (one Gaussian): within plus between-class scatter, / N."""
+        counts, means, within = self.finish()
+        n = counts.sum()
+        mean = (counts[:, None] * means).sum(0) / n
+        dev = means - mean
+        return mean, within + (dev * (counts / n)[:, None]).T @ dev
+
+
+def robust_precision(cov: Tensor) -> Tensor:
+    """Inverse of a covariance matrix, robust to (near-)singularity.
+
+    Moore-Penrose pseudo-inverse of the symmetric matrix in float64: eigenvalues at or below
+    ``D · eps · λ_max`` (``eps`` = float64 machine epsilon) are treated as zero, as in scikit-learn's
+    ``pinvh`` behind ``EmpiricalCovariance.precision_`` used by Lee et al.'s code. Features with constant or
+    linearly dependent dimensions (ReLU units that never fire) thus give a finite precision that ignores the
+    degenerate directions instead of overflowing.
+
+    Fast path: when the Cholesky factorization succeeds and the condition number bound
+    ``‖Σ‖_F ‖Σ⁻¹‖_F`` (≥ κ₂) is at most ``MAX_CHOLESKY_CONDITION``, no eigenvalue is anywhere near the
+    cut-off, so the pseudo-inverse is the inverse; it is then taken from the Cholesky factor (several times
+    cheaper than an eigendecomposition; the two agree to about κ·eps ≤ 1e-8 relative). Otherwise the
+    eigendecomposition is used.
+    """
+    cov = cov.to(torch.float64)
+    cov = (cov + cov.T) / 2
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        precision = torch.cholesky_inverse(factor)
+        bound = torch.linalg.matrix_norm(cov) * torch.linalg.matrix_norm(precision)
+        if bool(torch.isfinite(bound)) and float(bound) <= MAX_CHOLESKY_CONDITION:
+            return (precision + precision.T) / 2
+    values, vectors = torch.linalg.eigh(cov)
+    cutoff = values.abs().max() * cov.shape[0] * torch.finfo(torch.float64).eps
+    inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(cutoff), 0.0)
+    precision = (vectors * inverse) @ vectors.T
+    return (precision + precision.T) / 2
+
+
+def pooled_features(z: Tensor) -> Tensor:
+    """``B x D`` features as they are; ``B x C x H x W`` (or any ``B x C x ...``) maps averaged spatially."""
+    return z.flatten(2).mean(2) if z.dim() > 2 else z
+
+
+def min_mahalanobis(x: Tensor, mu: Tensor, precision: Tensor) -> Tensor:
+    r"""Squared Mahalanobis distance to the closest centre, :math:`\min_k (x-\mu_k)^\top P (x-\mu_k)`.
+
+    Expanded as :math:`\|x\|_P^2 - 2\,x P \mu_k^\top + \|\mu_k\|_P^2` so that all classes cost two matmuls,
+    after shifting everything by the mean centre (distances are shift-invariant; this keeps the terms small
+    and avoids cancellation). Classes are processed in blocks of at most ``MAX_BLOCK_ELEMENTS`` distances.
+    Computed in the dtype of ``precision`` (float64 here); returns that dtype.
+    """
+    origin = mu.mean(0)
+    xc, mc = x.to(precision.dtype) - origin, mu - origin
+    xp = xc @ precision
+    x_norm = (xp * xc).sum(1)
+    best = torch.full_like(x_norm, float("inf"))
+    block = max(1, MAX_BLOCK_ELEMENTS // max(1, x.shape[0]))
+    for start in range(0, mc.shape[0], block):
+        m = mc[start : start + block]
+        m_norm = ((m @ precision) * m).sum(1)
+        dist = x_norm[:, None] - 2.0 * (xp @ m.T) + m_norm[None, :]
+        best = torch.minimum(best, dist.min(1).values)
+    return best.clamp_min(0.0)
+
+
+def nearest_centre(x: Tensor, mu: Tensor, precision: Tensor) -> Tensor:
+    """Index of the closest centre under the Mahalanobis metric (same expansion, no gradient)."""
+    with torch.no_grad():
+        origin = mu.mean(0)
+        xc, mc = x.detach().to(precision.dtype) - origin, mu - origin
+        dist = -2.0 * (xc @ precision @ mc.T) + ((mc @ precision) * mc).sum(1)[None, :]
+        return dist.argmin(1)
+
+
+def output_dtype(x: Tensor) -> torch.dtype:
+    """Scores come back in the input's floating dtype (float32 for integer inputs)."""
+    return x.dtype if x.is_floating_point() else torch.float32
