@@ -116,11 +116,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; with no ``settings`` they are read from the environment / ``OOD_CONFIG`` now."""
     settings = settings if settings is not None else load_settings()
     configure_logging(settings.log_level, settings.log_json)
+    hide_schema = settings.require_auth_for_read  # reads need a key: the schema and docs pages are not served
     app = FastAPI(
         title="ood-serve",
         summary="Out-of-distribution scoring with dynamic batching",
         version="0.1.0",
         lifespan=_lifespan,
+        openapi_url=None if hide_schema else "/openapi.json",
     )
     context = ServiceContext(settings)
     app.state.context = context

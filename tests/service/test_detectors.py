@@ -255,11 +255,13 @@ def test_states_survive_a_restart_and_read_auth(make_settings: Callable[..., Set
             assert second.request(method, path, headers=wrong, **body).status_code == 403, path
             assert second.request(method, path, headers=AUTH, **body).status_code == 200, path
         assert second.get("/healthz").status_code == 200 and second.get("/readyz").status_code == 200  # probes
+        assert all(second.get(page).status_code == 404 for page in ("/openapi.json", "/docs"))  # no open schema
     finally:
         second.close()
     third = AppRunner(settings)  # the default: reads are open
     try:
         for method, path, body in reads:
             assert third.request(method, path, **body).status_code == 200, path
+        assert third.get("/openapi.json").status_code == 200
     finally:
         third.close()
