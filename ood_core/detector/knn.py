@@ -50,6 +50,9 @@ class KNN(Detector):
 
     where :math:`z_{(k)}` is the :math:`k`-th closest of the (normalized) ID features kept at fit time (Sun et
     al. 2022; with ``normalize=False`` the raw features are used). The bank of ID features is the state.
+    This follows the paper, as the issue asks: pytorch-ood's ``KNN`` documents the distance to the nearest
+    neighbour (scikit-learn ``NearestNeighbors`` with ``**knn_kwargs``); here ``k`` is the neighbour's rank and
+    ``k=1`` gives that nearest-neighbour score.
 
     The search is exhaustive (exact) and needs no scikit-learn: queries are processed in blocks of at most
     ``MAX_BLOCK_ELEMENTS`` similarities against the whole bank, each block one float32 GEMM
