@@ -20,6 +20,8 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 PRESELECT_MIN_BANK = 4096
 #: candidates kept per query by the pre-selection, as multiples of k (tried in turn; then the exact search)
 PRESELECT_FACTORS = (4, 16)
+#: columns per strided chunk in :func:`chunked_topk`
+TOPK_CHUNK = 16
 
 
 @cache
@@ -61,9 +63,11 @@ class KNN(Detector):
     score carries no cancellation error. With ``normalize=True`` and a bank of at least ``PRESELECT_MIN_BANK``
     rows, the float32 GEMM is replaced by a bfloat16 one whose rounding error is bounded rigorously, followed
     by the exact float32 distances of the few candidates that the bound cannot exclude
-    (:func:`preselected_kth_distance`): same scores, 2-3x less time on CPUs with bfloat16 dot products. A
-    bfloat16 copy of the bank is cached (not part of the state). Memory: ``O(N·D)`` for the bank (and its
-    bfloat16 copy) plus ``MAX_BLOCK_ELEMENTS`` floats. Labels < 0 are ignored when fitting.
+    (:func:`preselected_kth_distance`): same scores, about 3x faster than scikit-learn's brute force on a CPU
+    with bfloat16 dot products (``docs/benchmark-detectors.md``). A bfloat16 copy of the bank is cached (not
+    part of the state). Memory: ``O(N·D)`` for the bank (and its bfloat16 copy) plus two buffers of
+    ``MAX_BLOCK_ELEMENTS`` floats (the bfloat16 similarities, the gathered candidates). Labels < 0 are ignored
+    when fitting.
 
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
     :param k: rank of the neighbour whose distance is the score (the paper: 50 for CIFAR-10)
@@ -130,27 +134,25 @@ class KNN(Detector):
             return preselected_kth_distance(z, bank, self.k, self._bank_bf16()).to(out_dtype)
         bank_sq = None if self.normalize else (bank * bank).sum(1)
         rows = max(1, min(MAX_BLOCK_ELEMENTS // bank.shape[0], MAX_BLOCK_ELEMENTS // (self.k * bank.shape[1])))
-        scores = [exact_kth_distance(q, bank, self.k, bank_sq) for q in z.split(rows)]
+        buf = z.new_empty(min(rows, z.shape[0]), bank.shape[0])  # reused: fresh blocks are page-faulted each time
+        scores = [exact_kth_distance(q, bank, self.k, bank_sq, buf) for q in z.split(rows)]
         return torch.cat(scores).to(out_dtype) if scores else z.new_zeros(0, dtype=out_dtype)
 
     def _bank_bf16(self) -> tuple[Tensor, Tensor]:
-        """The bank rounded to bfloat16, and ``max ||b||``, ``max ||b - bf16(b)||``, ``max ||bf16(b)||`` (cached,
-        keyed on the bank tensor itself and its in-place version counter)."""
+        """The bank rounded to bfloat16 and its :func:`bank_rounding_stats` (cached, keyed on the bank tensor
+        itself and its in-place version counter)."""
         bank, cache = self.bank, self._bf16_cache
         if cache is None or cache[0] is not bank or cache[1] != bank._version:
             low = bank.to(torch.bfloat16)
-            norms = torch.stack(
-                [bank.norm(dim=1).max(), (bank - low.float()).norm(dim=1).max(), low.float().norm(dim=1).max()]
-            )
-            cache = self._bf16_cache = (bank, bank._version, low, norms.to(torch.float64))
+            cache = self._bf16_cache = (bank, bank._version, low, bank_rounding_stats(bank, low))
         return cache[2], cache[3]
 
 
-def exact_kth_distance(q: Tensor, bank: Tensor, k: int, bank_sq: Tensor | None) -> Tensor:
+def exact_kth_distance(q: Tensor, bank: Tensor, k: int, bank_sq: Tensor | None, buf: Tensor | None = None) -> Tensor:
     """Exact k-th nearest distances for a block of queries: top-k by similarity over the whole bank (one float32
-    GEMM: larger = closer, ``a.b`` for unit vectors, ``a.b - |b|^2 / 2`` in general as ``|a|^2`` is constant per
-    row), then the selected neighbours' distances computed directly."""
-    sim = q @ bank.T
+    GEMM, into ``buf`` when given: larger = closer, ``a.b`` for unit vectors, ``a.b - |b|^2 / 2`` in general as
+    ``|a|^2`` is constant per row), then the selected neighbours' distances computed directly."""
+    sim = q @ bank.T if buf is None else torch.mm(q, bank.T, out=buf[: q.shape[0]])
     if bank_sq is not None:
         sim -= 0.5 * bank_sq
     return exact_distances(q, bank, sim.topk(k, dim=1).indices)
@@ -160,69 +162,153 @@ def preselected_kth_distance(z: Tensor, bank: Tensor, k: int, low: tuple[Tensor,
     r"""Exact k-th nearest distances of unit queries ``z`` to a unit ``bank``, with a bfloat16 pre-selection.
 
     Per block of queries, :math:`A = \mathrm{bf16}(\hat q \hat b^\top)` is one bfloat16 GEMM (``\hat{}`` =
-    rounded to bfloat16; float32 accumulation), about 2-4x faster than float32 on CPUs with bfloat16 dot
-    products. Rigorous bound on its error for every pair:
-    :math:`|q\cdot b - A| \le E_q + 2^{-8}|A|` with
-    :math:`E_q = \lVert q-\hat q\rVert \max\lVert b\rVert + \lVert\hat q\rVert \max\lVert b-\hat b\rVert
-    + \gamma_{2D} \lVert\hat q\rVert \max\lVert\hat b\rVert` (Cauchy-Schwarz on the input rounding,
-    :math:`\gamma_n = nu/(1-nu)`, :math:`u = 2^{-24}`, for the float32 sum, and :math:`2^{-8}|A|` for the
-    rounding of the output to bfloat16). Hence the true k-th largest similarity is at least
-    :math:`L = a_k - E_q - 2^{-8}|a_k|` (:math:`a_k` the k-th largest :math:`A`), and every neighbour that can be
-    among the true k nearest has :math:`A + E_q + 2^{-8}|A| \ge L`. The top ``f·k`` entries of ``A``
-    (``f`` in ``PRESELECT_FACTORS``) are kept when they include all such candidates (the last kept entry is
-    below the threshold); their distances are then computed directly in float32 and the k-th smallest is the
-    score, the same as the exhaustive search's. Queries whose candidates do not fit fall back to
-    :func:`exact_kth_distance`.
+    rounded to bfloat16; float32 accumulation; output rounded to nearest), 2-4x faster than float32 on CPUs
+    with bfloat16 dot products. Rank by the key :math:`t = q\cdot b - (\lVert b\rVert^2 - 1)/2`, as
+    :math:`\lVert q-b\rVert^2 = \lVert q\rVert^2 + 1 - 2t`. For every pair (:func:`similarity_slack`,
+    :func:`similarity_interval`): :math:`|t - A| \le e(A) = E_q + \rho(A)`, so :math:`t \in [lo(A), up(A)]`,
+    :math:`lo, up = A \mp e(A)`, both strictly increasing over bfloat16 values. :func:`band_limits` then splits
+    the entries sorted by :math:`A` (:math:`a_1 \ge a_2 \ge \dots`), with :math:`L = lo(a_k)`,
+    :math:`U = up(a_k)` and :math:`t_{(k)}` the k-th largest key of the whole bank:
+
+    * :math:`t_{(k)} \ge L`: the k entries :math:`a_1..a_k` have :math:`t \ge lo(a_i) \ge L`.
+    * :math:`t_{(k)} \le U`: a pair with :math:`t > U` has :math:`up(A) > up(a_k)`, so :math:`A > a_k`; fewer
+      than k pairs do.
+    * excluded, :math:`up(A) < L`: :math:`t < t_{(k)}`; certain, the first ``c`` entries with :math:`lo(A) > U`:
+      :math:`t > t_{(k)}`. Removing pairs strictly below :math:`t_{(k)}` keeps it the k-th largest; removing
+      ``c`` pairs strictly above makes it the :math:`(k-c)`-th largest.
+
+    So the score is the :math:`(k-c)`-th smallest distance over the band (neither excluded nor certain), all
+    computed directly as :math:`\lVert q-b\rVert` in float32 (:func:`rerank`): the exhaustive search's result
+    up to float32 rounding. The top ``f·k`` entries of ``A`` (``f`` in ``PRESELECT_FACTORS``) are kept when
+    the last kept one is excluded (the rest is then excluded too); other queries fall back to
+    :func:`exact_kth_distance`. The GEMM output and the gathered rows live in buffers reused across blocks
+    (fresh 64 MiB allocations are page-faulted at every block), and GEMM row counts are multiples of 16
+    (oneDNN runs odd ones ~1.4x slower).
     """
-    bank_low, norms = low
-    max_norm, max_err, max_low_norm = norms.tolist()
+    bank_low, stats = low
     n, dim = bank.shape
-    gamma = 2 * dim * 2.0**-24 / (1 - 2 * dim * 2.0**-24)
-    rows = max(1, 2 * MAX_BLOCK_ELEMENTS // n)  # bfloat16: the same bytes as MAX_BLOCK_ELEMENTS floats
+    rows = 2 * MAX_BLOCK_ELEMENTS // n  # bfloat16: the same bytes as MAX_BLOCK_ELEMENTS floats
+    rows = rows // 64 * 64 if rows >= 64 else max(1, rows)
+    height = min(rows, -(-z.shape[0] // 16) * 16)
+    approx_buf = z.new_empty(height, n, dtype=torch.bfloat16)
+    q_buf = z.new_zeros(height, dim, dtype=torch.bfloat16)
+    widest = min(n, max(PRESELECT_FACTORS) * k) * dim
+    gather_buf = z.new_empty(max(widest, min(MAX_BLOCK_ELEMENTS, z.shape[0] * widest)))
     out = z.new_empty(z.shape[0])
     for start in range(0, z.shape[0], rows):
         q = z[start : start + rows]
-        q_low = q.to(torch.bfloat16)
-        q_low_norm = q_low.float().norm(dim=1).double()
-        slack = (q - q_low.float()).norm(dim=1).double() * max_norm + q_low_norm * (max_err + gamma * max_low_norm)
-        slack = slack * (1 + 1e-4) + 1e-6  # margin for the float rounding of the bound itself
-        approx = q_low @ bank_low.T
-        todo = torch.arange(q.shape[0], device=q.device)
+        r = q.shape[0]
+        m = r if r < 16 else min(height, -(-r // 16) * 16)  # below 16 rows the GEMM reads the bank anyway
+        q_buf[:r].copy_(q)
+        q_buf[r:m].zero_()
+        approx = torch.mm(q_buf[:m], bank_low.T, out=approx_buf[:m])[:r]
+        slack = similarity_slack(q, q_buf[:r], stats)
+        todo = torch.arange(r, device=q.device)
         for factor in PRESELECT_FACTORS:
             keep = min(n, factor * k)
-            top = (approx if todo.numel() == q.shape[0] else approx[todo]).topk(keep, dim=1)
-            values = top.values  # bfloat16, exact in float64
-            a_k = values[:, k - 1].double()
-            bound = a_k - slack[todo] - 2.0**-8 * a_k.abs() - slack[todo]
-            threshold = torch.where(bound >= 0, bound / (1 + 2.0**-8), bound / (1 - 2.0**-8))
-            threshold = threshold.float() - 1e-6  # float32 for the comparisons, rounded down
-            complete = (values[:, -1].float() < threshold) | (keep == n)
+            values, indices = chunked_topk(approx if todo.numel() == r else approx[todo], keep)
+            first, count, complete = band_limits(values, slack[todo], k)
+            if keep == n:
+                complete.fill_(True)
             done = todo[complete]
-            if done.numel():  # the candidates of a row are its first `count` entries (values are sorted)
-                count = (values[complete].float() >= threshold[complete, None]).sum(1).clamp_min(k)
-                out[start + done] = rerank(q[done], bank, top.indices[complete], count, k)
+            if done.numel():
+                out[start + done] = rerank(
+                    q[done], bank, indices[complete], first[complete], count[complete], k, gather_buf
+                )
             todo = todo[~complete]
             if todo.numel() == 0:
                 break
-        if todo.numel():
-            out[start + todo] = exact_kth_distance(q[todo], bank, k, None)
+        for part in todo.split(max(1, min(MAX_BLOCK_ELEMENTS // n, MAX_BLOCK_ELEMENTS // (k * dim)))):
+            out[start + part] = exact_kth_distance(q[part], bank, k, None)  # float32 blocks within the bound
     return out
 
 
-def rerank(q: Tensor, bank: Tensor, candidates: Tensor, count: Tensor, k: int) -> Tensor:
-    """k-th smallest distance of each query to its candidate rows of the bank: the first ``count[i]`` (>= k)
-    of the indices ``candidates[i]``. In groups of queries (the gathered rows kept around
-    ``MAX_BLOCK_ELEMENTS`` floats; few large operations), the distances are computed directly (``cdist`` without the matmul
-    expansion, so no cancellation), padded with +inf beyond each row's count."""
-    width, dim = candidates.shape[1], bank.shape[1]
-    group = max(1, MAX_BLOCK_ELEMENTS // (width * dim))
+def chunked_topk(a: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """``a.topk(keep, dim=1)`` (values in decreasing order, column indices) in two smaller selections, about 1.3x
+    faster on ``640 x 50,000``: the maxima of ``G = n // TOPK_CHUNK`` strided chunks (columns ``g, g + G, ...``),
+    the ``keep`` chunks with the largest maxima, then ``topk`` over their entries and the ``n mod TOPK_CHUNK``
+    tail columns. Exact: an entry outside the chosen chunks is at most their smallest maximum, and their ``keep``
+    maxima are entries of the union, so the union holds the row's ``keep`` largest values (ties in any order)."""
+    rows, n = a.shape
+    groups = n // TOPK_CHUNK
+    if groups < keep:
+        top = a.topk(keep, dim=1)
+        return top.values, top.indices
+    span = TOPK_CHUNK * groups
+    chunks = a[:, :span].view(rows, TOPK_CHUNK, groups).amax(1).topk(keep, dim=1, sorted=False).indices
+    cols = (chunks[:, None, :] + groups * torch.arange(TOPK_CHUNK, device=a.device)[:, None]).reshape(rows, -1)
+    if span < n:
+        cols = torch.cat([cols, torch.arange(span, n, device=a.device).expand(rows, -1)], 1)
+    top = a.gather(1, cols).topk(keep, dim=1)
+    return top.values, cols.gather(1, top.indices)
+
+
+def bank_rounding_stats(bank: Tensor, bank_low: Tensor) -> Tensor:
+    """float64 ``[max ||b||, max ||b - bf16(b)||, max ||bf16(b)||, max | ||b||^2 - 1 | / 2]`` over the rows."""
+    b, b_low = bank.double(), bank_low.double()
+    norm = b.norm(dim=1)
+    return torch.stack(
+        [norm.max(), (b - b_low).norm(dim=1).max(), b_low.norm(dim=1).max(), (norm.square() - 1).abs().max() / 2]
+    )
+
+
+def similarity_slack(q: Tensor, q_low: Tensor, stats: Tensor) -> Tensor:
+    r"""Per query, :math:`E_q = \lVert q-\hat q\rVert \max\lVert b\rVert + \lVert\hat q\rVert
+    (\max\lVert b-\hat b\rVert + \gamma_{2D} \max\lVert\hat b\rVert) + \max|\lVert b\rVert^2-1|/2`
+    (float64): Cauchy-Schwarz on the input rounding, :math:`\gamma_n = nu/(1-nu)`, :math:`u = 2^{-24}`, for
+    the float32 sum, and the shift from :math:`q\cdot b` to the key :math:`t`; with a margin (relative 1e-4,
+    absolute 1e-6) for the rounding of the norms and of the bound itself."""
+    max_norm, max_err, max_low_norm, norm_dev = stats.tolist()
+    gamma = 2 * q.shape[1] * 2.0**-24 / (1 - 2 * q.shape[1] * 2.0**-24)
+    q64, low64 = q.double(), q_low.double()
+    err = (q64 - low64).norm(dim=1) * max_norm + low64.norm(dim=1) * (max_err + gamma * max_low_norm) + norm_dev
+    return err * (1 + 1e-4) + 1e-6
+
+
+def similarity_interval(values: Tensor, slack: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``lo, up = A -+ e(A)`` in float64 for bfloat16 values ``A`` (``B x K``) and per-query slack ``E_q``:
+    :math:`e(A) = E_q + \rho(A)`, :math:`\rho(A) = 2^{-8} 2^{\lfloor \log_2 |A| \rfloor}`, the largest distance
+    from a real number to its round-to-nearest bfloat16 value ``A`` (8 significant bits; for ``A = 2^e`` the
+    spacing above, the larger; :math:`\rho(0) = 2^{-9}` covers flush-to-zero). Both are strictly increasing
+    over bfloat16 values (:math:`\rho` changes by at most half the spacing of ``A`` at a power of two)."""
+    a = values.double()
+    rho = torch.ldexp(torch.ones_like(a), torch.frexp(a).exponent - 9)  # |a| = m 2^e, m in [0.5, 1)
+    width = slack[:, None] + rho
+    return a - width, a + width
+
+
+def band_limits(values: Tensor, slack: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For the top entries of ``A`` sorted in decreasing order (``B x K``, ``K >= k``): ``first`` = the number
+    ``c`` of certain entries (``lo(A) > up(a_k)``), ``count`` = the number not excluded (``up(A) >= lo(a_k)``),
+    and whether the row is complete (its last entry excluded). See :func:`preselected_kth_distance`."""
+    lo, up = similarity_interval(values, slack)
+    lower, upper = lo[:, k - 1 : k], up[:, k - 1 : k]
+    return (lo > upper).sum(1), (up >= lower).sum(1), up[:, -1] < lower[:, 0]
+
+
+def rerank(q: Tensor, bank: Tensor, candidates: Tensor, first: Tensor, count: Tensor, k: int, buf: Tensor) -> Tensor:
+    """The ``(k - first[i])``-th smallest distance ``||q_i - b||`` over the bank rows ``candidates[i, j]``,
+    ``first[i] <= j < count[i]`` (``k - first <= count - first``). The rows are gathered into ``buf`` (groups of
+    queries; few large operations); the distances are computed directly (``cdist`` without the matmul
+    expansion, so no cancellation) and padded with +inf."""
+    width, dim = int((count - first).max()), bank.shape[1]
+    pos = first[:, None] + torch.arange(width, device=q.device)
+    valid = pos < count[:, None]
+    index = candidates.gather(1, pos.clamp_max(candidates.shape[1] - 1))
+    rank = k - first
+    group = max(1, buf.numel() // (width * dim))
     out = []
-    for rows, idx, used in zip(q.split(group), candidates.split(group), count.split(group), strict=True):
-        m = int(used.max())
-        cand = bank.index_select(0, idx[:, :m].reshape(-1)).view(rows.shape[0], m, dim)
-        dist = torch.cdist(rows[:, None, :], cand, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1)
-        dist = dist.masked_fill(torch.arange(m, device=q.device)[None, :] >= used[:, None], float("inf"))
-        out.append(dist.topk(k, dim=1, largest=False).values[:, -1])
+    for rows, idx, ok, rk in zip(
+        q.split(group), index.split(group), valid.split(group), rank.split(group), strict=True
+    ):
+        flat = idx.reshape(-1)
+        cand = torch.index_select(bank, 0, flat, out=buf[: flat.numel() * dim].view(-1, dim))
+        dist = torch.cdist(
+            rows[:, None, :], cand.view(rows.shape[0], width, dim), compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        dist = dist.squeeze(1).masked_fill_(~ok, float("inf"))
+        smallest = dist.topk(int(rk.max()), dim=1, largest=False, sorted=True).values
+        out.append(smallest.gather(1, (rk - 1)[:, None]).squeeze(1))
     return torch.cat(out)
 
 

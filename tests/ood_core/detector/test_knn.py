@@ -72,14 +72,17 @@ def test_bank_does_not_alias_the_fitted_tensor() -> None:
     torch.testing.assert_close(det.predict_features(torch.zeros(1, 3)), before)
 
 
-@pytest.mark.parametrize("factors", [(4, 16), (1,)])  # (1,): every query falls back to the exhaustive search
-def test_bfloat16_preselection_is_exact(monkeypatch, factors: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("factors", "block"),
+    [((4, 16), 40_000), ((4, 16), 200_000), ((1,), 40_000)],  # (1,): every query falls back to the exhaustive search
+)
+def test_bfloat16_preselection_is_exact(monkeypatch, factors: tuple[int, ...], block: int) -> None:
     """The bfloat16 pre-selection (large normalized banks) returns the exhaustive search's k-th distance, also
     with duplicates, near-ties and queries equal to bank rows (distance 0)."""
     monkeypatch.setattr(knn_module, "PRESELECT_MIN_BANK", 1)
     monkeypatch.setattr(knn_module, "bf16_matmul_is_fast", lambda device_type: True)  # whatever this CPU has
     monkeypatch.setattr(knn_module, "PRESELECT_FACTORS", factors)
-    monkeypatch.setattr(knn_module, "MAX_BLOCK_ELEMENTS", 40_000)  # several query blocks
+    monkeypatch.setattr(knn_module, "MAX_BLOCK_ELEMENTS", block)  # several query blocks (of 26, or 128 padded rows)
     g = torch.Generator().manual_seed(5)
     centres = torch.randn(8, 64, generator=g)
     y = torch.randint(0, 8, (3000,), generator=g)
@@ -108,3 +111,61 @@ def test_bfloat16_preselection_only_where_bfloat16_is_fast(monkeypatch) -> None:
     det = KNN(None, k=2).fit_features(torch.randn(50, 8), torch.zeros(50).long())
     assert det.predict_features(torch.randn(4, 8)).shape == (4,)
     assert not called
+
+
+def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+@pytest.mark.parametrize("case", ["output", "query", "bank"])
+def test_bfloat16_similarity_interval_holds_and_is_nearly_attained(case: str) -> None:
+    """Every exact similarity lies in [lo(A), up(A)], and in each construction one error term is nearly attained
+    (so a bound with that term any smaller would fail): the rounding of the GEMM output (bfloat16-exact inputs),
+    of the query (bank rows along the query's rounding residual) and of the bank (the converse)."""
+    g = torch.Generator().manual_seed(11)
+    unit = lambda z: z / z.norm(dim=1, keepdim=True)  # noqa: E731
+    q, bank = unit(torch.randn(16, 64, generator=g)), unit(torch.randn(3000, 64, generator=g))
+    if case == "output":
+        q, bank = _bf16_exact(q), _bf16_exact(bank)
+    elif case == "query":  # exact bank rows, some along the queries' rounding residuals: only the queries round
+        bank = _bf16_exact(unit(torch.cat([bank, q - _bf16_exact(q)])))
+    else:  # exact queries along the residuals of the bank rows that round the most: only the bank rounds
+        residual = bank - _bf16_exact(bank)
+        q = _bf16_exact(unit(residual[residual.norm(dim=1).topk(16).indices]))
+    low = bank.bfloat16()
+    stats = knn_module.bank_rounding_stats(bank, low)
+    stats[3] = 0.0  # bound on q.b itself (the key shift for non-unit rows is tested through predict_features)
+    approx = q.bfloat16() @ low.T
+    lo, up = knn_module.similarity_interval(approx, knn_module.similarity_slack(q, q.bfloat16(), stats))
+    exact = q.double() @ bank.double().T
+    assert bool((lo <= exact).all()) and bool((exact <= up).all())
+    attained = ((exact - approx.double()).abs() / (up - approx.double())).max()
+    assert attained > 0.8, float(attained)
+
+
+def test_band_limits_keep_a_candidate_just_inside_the_bound() -> None:
+    """k = 2, slack 0.01: a_k = 0.5, so L = 0.5 - 0.01 - 2^-9 = 0.48805 and U = 0.51195. 1.0 is certain
+    (lo = 0.98609 > U); 0.478515625 (up = 0.48949) must stay a candidate, 0.4765625 (up = 0.48754) is excluded.
+    Without the output-rounding term, or with half of it, 0.478515625 would be dropped."""
+    values = torch.tensor(
+        [[1.0, 0.5, 0.5, 0.478515625, 0.4765625], [1.0, 0.5, 0.5, 0.478515625, 0.478515625]]
+    ).bfloat16()
+    first, count, complete = knn_module.band_limits(values, torch.tensor([0.01, 0.01], dtype=torch.float64), 2)
+    assert first.tolist() == [1, 1]
+    assert count.tolist() == [4, 5]
+    assert complete.tolist() == [True, False]  # the second row's last kept entry may still hide more candidates
+
+
+@pytest.mark.parametrize("n", [1000, 1008])  # with and without tail columns (n mod 16)
+def test_chunked_topk_equals_topk(n: int) -> None:
+    """The two-level top-k returns the row's largest values, also with ties, with every top entry in one strided
+    chunk (the chunk holds more than one of them), and with top entries in the tail columns."""
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(6, n, generator=g) * 4).round().bfloat16()  # few distinct values: many ties
+    groups = n // knn_module.TOPK_CHUNK
+    a[1, 3::groups] = 50.0  # a whole strided chunk (and, for n = 1000, tail columns) holds the largest values
+    a[2, -8:] = 60.0  # the last columns: the tail when n = 1000
+    values, indices = knn_module.chunked_topk(a, 40)
+    torch.testing.assert_close(values, a.topk(40, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(a.gather(1, indices), values, rtol=0, atol=0)
+    assert bool((indices.sort(1).values.diff(dim=1) > 0).all())  # distinct columns
