@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 12
 IMAGES_PER_REQUEST = 64  # 768 images in flight: under the default queue of 1024 (no 429), yet a queue
-ACCEPTED_AGE_S = 0.2
+ACCEPTED_AGE_S = 0.1  # a request sent this long ago over loopback has surely been read by the server
 READY_TIMEOUT_S = 60.0  # start-up imports torch and may fit the demo states; the machine is shared
 LOAD_BEFORE_SIGTERM_S = 2.0
 EXIT_TIMEOUT_S = 20.0
@@ -76,15 +76,16 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 
 
 async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model: str, image: bytes) -> float:
-    """Run the clients, send SIGTERM after LOAD_BEFORE_SIGTERM_S once a request was answered; return the time the
-    signal was sent."""
+    """Run the clients, send SIGTERM after LOAD_BEFORE_SIGTERM_S once a request was answered and while one has been
+    in the server for ACCEPTED_AGE_S; return the time the signal was sent."""
     outcomes: list[Outcome] = []
+    in_flight: dict[int, float] = {}  # client index -> when its current request was sent
     sigterm_at = float("inf")
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
         files = [("files", (f"noise{i}.png", image, "image/png")) for i in range(IMAGES_PER_REQUEST)]
         while True:
-            sent_at = time.monotonic()
+            sent_at = in_flight[index] = time.monotonic()
             try:
                 response = await client.post(f"/v1/models/{model}/score", files=files)
                 outcomes.append(Outcome(sent_at, time.monotonic(), response.status_code, response.text[:200]))
@@ -92,14 +93,26 @@ async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model:
                 outcomes.append(Outcome(sent_at, time.monotonic(), None, repr(error)))
                 if sent_at >= sigterm_at or process.poll() is not None:
                     return  # shutdown began: refused or closed before the request was read
+            finally:
+                in_flight.pop(index, None)
             if process.poll() is not None:
                 return
 
     async with httpx.AsyncClient(base_url=url, timeout=15.0, limits=httpx.Limits(max_connections=CLIENTS)) as client:
-        clients = [asyncio.create_task(client_loop(client)) for _ in range(CLIENTS)]
+        clients = [asyncio.create_task(client_loop(client, i)) for i in range(CLIENTS)]
         started = time.monotonic()
-        # at least LOAD_BEFORE_SIGTERM_S of load, and some answered requests (a loaded machine may be slow)
-        while time.monotonic() - started < LOAD_BEFORE_SIGTERM_S or not any(o.status == 200 for o in outcomes):
+
+        # at least LOAD_BEFORE_SIGTERM_S of load, some answered requests (a loaded machine may be slow), and a
+        # request in the server for ACCEPTED_AGE_S, so that the signal surely lands on an accepted request
+        def in_flight_long_enough() -> bool:
+            now = time.monotonic()
+            return any(now - sent >= ACCEPTED_AGE_S for sent in in_flight.values())
+
+        while (
+            time.monotonic() - started < LOAD_BEFORE_SIGTERM_S
+            or not any(o.status == 200 for o in outcomes)
+            or not in_flight_long_enough()
+        ):
             assert time.monotonic() - started < READY_TIMEOUT_S, "no request was answered under load"
             await asyncio.sleep(0.05)
         sigterm_at = time.monotonic()
