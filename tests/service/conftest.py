@@ -7,6 +7,7 @@
   synchronous ``httpx.AsyncClient`` bridge over ``ASGITransport`` (in-process); close with ``runner.close()``.
 * ``serve(settings)``: context manager running a real uvicorn server (127.0.0.1, free port) until ready; yields
   its base URL. ``live_server`` (module): such a server with the demo.
+* ``wait_until_ready(url, timeout_s, alive)``: poll ``/readyz`` of a server started in a thread or a subprocess.
 * ``png_bytes(array)``: encode a ``H x W`` / ``H x W x 3`` uint8 array as PNG; ``digit_png()`` / ``noise_png()``.
 """
 
@@ -136,6 +137,20 @@ def free_socket() -> socket.socket:
     return sock
 
 
+def wait_until_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll ``{url}/readyz`` until it answers 200; fail if ``alive()`` turns false or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert alive(), f"the server behind {url} stopped before it was ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} not ready within {timeout_s} s")
+
+
 @contextmanager
 def serve(settings: Settings) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 (free port) in a background thread; yields its base URL once ready."""
@@ -146,17 +161,8 @@ def serve(settings: Settings) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("live server did not become ready")
+        wait_until_ready(url, 120.0, alive=thread.is_alive)
         yield url
     finally:
         server.should_exit = True

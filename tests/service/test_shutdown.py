@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.service.conftest import wait_until_ready
+
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,19 +62,6 @@ def noise_png(height: int, width: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited early with {process.returncode}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready within {READY_TIMEOUT_S} s")
 
 
 async def load_until_shutdown(process: subprocess.Popen[bytes], url: str, model: str, image: bytes) -> float:
@@ -160,7 +149,7 @@ def test_sigterm_under_load_answers_accepted_requests_and_exits_zero(tmp_path: P
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_ready(process, url)
+            wait_until_ready(url, READY_TIMEOUT_S, alive=lambda: process.poll() is None)
             models = httpx.get(f"{url}/v1/models", timeout=10.0).json()["models"]
             model = next(m for m in models if m["task"] == "classification")
             height, width = model["input_size"]
