@@ -76,7 +76,7 @@ def process_batch(model: ServedModel, items: list[ScoreItem]) -> list[ItemResult
         with torch.no_grad():
             scores = active.detector.predict_features(selected).float().cpu()
         if classification:
-            _classification_verdicts(active, [items[r] for r in rows], [results[r] for r in rows], scores)
+            classification_verdicts(active, [items[r] for r in rows], [results[r] for r in rows], scores)
             continue
         for row, score in zip(rows, scores, strict=True):
             size = items[row].map_size or tuple(score.shape[-2:])
@@ -84,7 +84,7 @@ def process_batch(model: ServedModel, items: list[ScoreItem]) -> list[ItemResult
     return results
 
 
-def _classification_verdicts(
+def classification_verdicts(
     active: ActiveDetector, items: list[ScoreItem], results: list[ItemResult], scores: Tensor
 ) -> None:
     """Fill ``scores`` and ``verdicts`` of ``results`` (one row each) for ``active``, vectorized over the rows."""
@@ -134,14 +134,6 @@ def threshold_for(active: ActiveDetector, threshold: float | None, tpr: float | 
             active.thresholds.clear()
         active.thresholds[tpr] = cached
     return cached
-
-
-def verdicts(active: ActiveDetector, scores: Tensor, threshold: float | None) -> tuple[Tensor | None, Tensor | None]:
-    """``(is_ood, p_value)`` tensors for ``scores`` (``None`` where not available)."""
-    is_ood = None if threshold is None else scores > threshold
-    calibration = active.detector.calibration
-    p_values = None if calibration is None else calibration.p_values(scores)
-    return is_ood, p_values
 
 
 def json_float(value: float) -> float | None:

@@ -16,7 +16,7 @@ from ood_core.detector import EnergyBased
 from service import inference
 from service.middleware import RequestIds
 from service.runtime import ActiveDetector
-from service.scoring import ScoreItem, process_batch, threshold_for, verdicts
+from service.scoring import ScoreItem, process_batch, threshold_for
 from service.settings import Settings
 from service.store import StoredState
 from tests.service.conftest import AppRunner, digit_png, noise_png
@@ -62,7 +62,10 @@ def test_one_batch_gives_every_request_its_own_threshold_and_the_per_image_verdi
             got = result.verdicts[detector.name]
             score = torch.tensor([got["score"]], dtype=torch.float64)
             used = threshold_for(detector, item.threshold, item.tpr)
-            is_ood, p_values = verdicts(detector, score, used)  # the per-request reference
+            # the per-request reference: the score against its threshold and the calibration, one at a time
+            is_ood = None if used is None else score > used
+            calibration = detector.detector.calibration
+            p_values = None if calibration is None else calibration.p_values(score)
             assert got["score"] == pytest.approx(alone.verdicts[detector.name]["score"], abs=1e-6)
             assert got["threshold"] == used and got["version"] == 3
             assert got["is_ood"] == (None if is_ood is None else bool(is_ood[0]))

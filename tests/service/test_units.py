@@ -20,7 +20,7 @@ from service.logs import JsonFormatter, request_id_var
 from service.preprocess import Preprocessor
 from service.routes.segment import encode_map
 from service.runtime import ActiveDetector
-from service.scoring import threshold_for, verdicts
+from service.scoring import ItemResult, ScoreItem, classification_verdicts, threshold_for
 from service.settings import PreprocessConfig
 from service.store import StateStore, StoredState, sha256_hex
 
@@ -80,13 +80,22 @@ def test_threshold_and_conformal_p_values() -> None:
     assert threshold_for(active, None, None) == 3.0  # smallest t with #{s <= t} / 4 >= 0.75
     assert threshold_for(active, None, 0.5) == 2.0
     assert threshold_for(active, 7.5, 0.5) == 7.5
-    is_ood, p_values = verdicts(active, torch.tensor([2.5, 3.0, 9.0], dtype=torch.float64), 3.0)
-    assert is_ood is not None and is_ood.tolist() == [False, False, True]
+    is_ood, p_values = _verdicts(active, torch.tensor([2.5, 3.0, 9.0], dtype=torch.float64), 3.0)
+    assert is_ood == [False, False, True]
     # (1 + #{calibration >= s}) / (n + 1): 2.5 -> 3/5, 3.0 -> 3/5, 9.0 -> 1/5
-    assert p_values is not None and p_values.tolist() == pytest.approx([0.6, 0.6, 0.2])
+    assert p_values == pytest.approx([0.6, 0.6, 0.2])
     detector.calibration = None
     assert threshold_for(active, None, None) is None
-    assert verdicts(active, torch.tensor([1.0]), None) == (None, None)
+    assert _verdicts(active, torch.tensor([1.0]), None) == ([None], [None])
+
+
+def _verdicts(active: ActiveDetector, scores: torch.Tensor, threshold: float | None) -> tuple[list, list]:  # type: ignore[type-arg]
+    """``is_ood`` and ``p_value`` of each score, through the batch worker's vectorized verdicts."""
+    items = [ScoreItem(torch.zeros(1), (active,), threshold=threshold) for _ in range(len(scores))]
+    results = [ItemResult() for _ in items]
+    classification_verdicts(active, items, results, scores)
+    entries = [result.verdicts[active.name] for result in results]
+    return [e["is_ood"] for e in entries], [e["p_value"] for e in entries]
 
 
 def test_json_log_lines_carry_the_request_id() -> None:
