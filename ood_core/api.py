@@ -1,4 +1,4 @@
-"""The detector API shared by every detector, and the library's exceptions.
+"""The detector API shared by every detector; re-exports the library's exceptions from :mod:`ood_core.errors`.
 
 The interface mirrors pytorch-ood's ``pytorch_ood.api.Detector`` so code ports by changing the import:
 ``fit(loader)``, ``fit_features(x, y)``, ``predict(x)``, ``predict_features(x)`` and ``__call__`` -> ``predict``.
@@ -16,36 +16,22 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ood_core.calibration import Calibration
+from ood_core.calibration import Calibration
+
+# the library's exceptions, defined in ood_core.errors and re-exported here (``X as X``: explicit re-exports)
+from ood_core.errors import FeaturesNotSupportedError as FeaturesNotSupportedError
+from ood_core.errors import InvalidStateError as InvalidStateError
+from ood_core.errors import ModelNotSetException as ModelNotSetException
+from ood_core.errors import OODError as OODError
+from ood_core.errors import RequiresFitException as RequiresFitException
+from ood_core.errors import RequiresFittingException as RequiresFittingException
 
 InputKind = Literal["logits", "features", "feature_maps", "input", "multi_features"]
-
-
-class OODError(Exception):
-    """Base class of every exception raised by ood_core."""
-
-
-class RequiresFitException(OODError, RuntimeError):
-    """The detector has to be fitted (``fit`` / ``fit_features`` or a loaded state) before it can predict."""
-
-
-class ModelNotSetException(OODError, ValueError):
-    """The method needs the network (``model``, ``backbone`` or ``head``) but none was given."""
-
-
-class FeaturesNotSupportedError(OODError, NotImplementedError):
-    """The detector needs the network in the loop (e.g. ODIN backpropagates, MCD samples dropout masks)
-    and so cannot score pre-computed features."""
-
-
-class InvalidStateError(OODError, ValueError):
-    """A saved detector state (or calibration) is malformed, inconsistent or does not fit the model."""
 
 
 @dataclass(frozen=True)

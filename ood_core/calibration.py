@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import InvalidStateError
+from ood_core.errors import InvalidStateError
 
 DEFAULT_TPR = 0.95
 MAX_EXACT = 10_000

@@ -10,7 +10,7 @@ Layout of the file:
   ``library_version`` and, optionally, ``calibration`` (JSON).
 
 Nothing is unpickled: safetensors holds raw little-endian tensors and a JSON header. Loading validates
-everything and raises :class:`~ood_core.api.InvalidStateError` with the reason on any mismatch.
+everything and raises :class:`~ood_core.errors.InvalidStateError` with the reason on any mismatch.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 import ood_core
-from ood_core.api import Detector, InvalidStateError, RequiresFitException, TensorSpec
+from ood_core.api import Detector, TensorSpec
 from ood_core.calibration import Calibration
+from ood_core.errors import InvalidStateError, RequiresFitException
 
 FORMAT = "ood-serve/detector-state"
 FORMAT_VERSION = "1"

@@ -6,15 +6,13 @@ Shannon, "A Mathematical Theory of Communication", 1948.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector
+from ood_core.detector.logit_base import LogitDetector
 
 
-class Entropy(Detector):
+class Entropy(LogitDetector):
     r"""Outlier score = Shannon entropy of the softmax of the logits:
 
     .. math:: H(x) = -\sum_{i=1}^{C} \sigma_i(f(x)) \log \sigma_i(f(x))
@@ -27,20 +25,9 @@ class Entropy(Detector):
     :param model: network that outputs logits (may be ``None`` for :meth:`predict_features`)
     """
 
-    input_kind = "logits"
-    supports_segmentation = True
-
-    def __init__(self, model: Any = None) -> None:
-        super().__init__()
-        self.model = model
-
     @staticmethod
     def score(logits: Tensor) -> Tensor:
         """Entropy of ``softmax(logits)`` along the class axis (dim 1)."""
         log_p = logits.log_softmax(dim=1)
         p = log_p.exp()
         return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=1)
-
-    def predict_features(self, logits: Tensor) -> Tensor:
-        """:param logits: ``B x C`` or ``B x C x H x W`` logits given by the model"""
-        return self.score(logits)

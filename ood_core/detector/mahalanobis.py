@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec
+from ood_core.api import TensorSpec
+from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
     min_mahalanobis,
@@ -25,7 +26,7 @@ from ood_core.gaussian import (
 )
 
 
-class Mahalanobis(Detector):
+class Mahalanobis(ClassGaussianFit):
     r"""Outlier score = squared Mahalanobis distance to the closest class centre:
 
     .. math:: s(x) = \min_k \, (f(x) - \mu_k)^\top \Sigma^{-1} (f(x) - \mu_k)
@@ -40,9 +41,9 @@ class Mahalanobis(Detector):
     :math:`f(\tilde x)`. :meth:`predict_features` scores features as they are. ``B x C x H x W`` feature maps
     are averaged over space.
 
-    The fit streams (:class:`ClassGaussianStats`, float64). The state (``mu``, ``precision``) is float64:
-    the precision of an ill-conditioned covariance and the expanded distance lose digits in float32.
-    The precision is the pseudo-inverse (:func:`robust_precision`).
+    The fit streams (:class:`ClassGaussianStats`, float64, through :class:`ClassGaussianFit`). The state
+    (``mu``, ``precision``) is float64: the precision of an ill-conditioned covariance and the expanded
+    distance lose digits in float32. The precision is the pseudo-inverse (:func:`robust_precision`).
 
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
     :param eps: magnitude of the input preprocessing (0 disables it)
@@ -53,8 +54,6 @@ class Mahalanobis(Detector):
         "mu": TensorSpec(("C", "D"), torch.float64),
         "precision": TensorSpec(("D", "D"), torch.float64),
     }
-    requires_fit = True
-    input_kind = "features"
 
     def __init__(self, model: Any = None, eps: float = 0.002, norm_std: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -68,30 +67,15 @@ class Mahalanobis(Detector):
         return {"eps": self.eps, "norm_std": self.norm_std}
 
     @property
-    def feature_dim(self) -> int | None:
-        return int(self.mu.shape[1]) if self.is_fitted else None
-
-    @property
-    def num_classes(self) -> int | None:
-        return int(self.mu.shape[0]) if self.is_fitted else None
-
-    @property
     def cov(self) -> Tensor:
         """Shared covariance (pseudo-inverse of the stored precision)."""
         self._check_fitted()
         return torch.linalg.pinv(self.precision, hermitian=True)
 
-    # ------------------------------------------------------------------ fitting (streaming)
-    def _begin_fit(self) -> None:
-        self._stats = ClassGaussianStats()
-
-    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
-        self._stats.update(pooled_features(z), y)
-
-    def _finish_fit(self) -> None:
-        _, means, cov = self._stats.finish()
+    # ------------------------------------------------------------------ fitting (streaming, ClassGaussianFit)
+    def _store_gaussians(self, stats: ClassGaussianStats) -> None:
+        _, means, cov = stats.finish()
         self.mu, self.precision = means, robust_precision(cov)
-        del self._stats
 
     # ------------------------------------------------------------------ prediction
     def predict_features(self, x: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ood_core.api import Detector, ModelNotSetException
+from ood_core.api import Detector
+from ood_core.errors import ModelNotSetException
 
 Network = nn.Module | Callable[[Tensor], Tensor]
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -51,7 +52,7 @@ class MCD(Detector):
     The network runs in training mode during the passes, except batch-norm layers when ``batch_norm`` is true
     (so their running statistics are neither used nor updated); afterwards every submodule gets back its own
     mode (pytorch-ood instead leaves the whole model in eval mode). Needs the network in the loop:
-    :meth:`predict_features` raises :class:`~ood_core.api.FeaturesNotSupportedError`. For segmentation models
+    :meth:`predict_features` raises :class:`~ood_core.errors.FeaturesNotSupportedError`. For segmentation models
     (``B x C x H x W`` logits) the scores are ``B x H x W``. Needs no fitting; the state is the hyperparameters.
 
     :param model: network with dropout layers, outputs logits

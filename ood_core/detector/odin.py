@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from ood_core.api import Detector, ModelNotSetException
+from ood_core.api import Detector
+from ood_core.errors import ModelNotSetException
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
@@ -72,7 +73,7 @@ class ODIN(Detector):
     with :math:`\hat y` the predicted class (see :func:`odin_preprocessing`). The score uses the tempered
     softmax :math:`S(\hat x; T)` as in the paper; pytorch-ood scores ``softmax(f(x_hat))`` at temperature 1
     instead. Needs two forward and one backward pass, so it cannot score pre-computed features:
-    :meth:`predict_features` raises :class:`~ood_core.api.FeaturesNotSupportedError`. For segmentation models
+    :meth:`predict_features` raises :class:`~ood_core.errors.FeaturesNotSupportedError`. For segmentation models
     (``B x C x H x W`` logits) the scores are ``B x H x W``. Needs no fitting; the state is the
     hyperparameters only (a custom ``criterion`` cannot be saved).
 

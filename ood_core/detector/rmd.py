@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec
+from ood_core.api import TensorSpec
+from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
     min_mahalanobis,
@@ -21,7 +22,7 @@ from ood_core.gaussian import (
 )
 
 
-class RMD(Detector):
+class RMD(ClassGaussianFit):
     r"""Outlier score = class-conditional minus background Mahalanobis distance, minimised over classes:
 
     .. math:: s(x) = \min_k \big( d_k(f(x)) - d_0(f(x)) \big) = \min_k d_k(f(x)) - d_0(f(x))
@@ -31,9 +32,10 @@ class RMD(Detector):
     :math:`d_0(z) = (z-\mu_0)^\top \Sigma_0^{-1} (z-\mu_0)` a single "background" Gaussian fitted to all ID
     features (maximum likelihood: total scatter / N). Labels < 0 are ignored.
 
-    Both Gaussians come from one streaming pass (:class:`~ood_core.gaussian.ClassGaussianStats`;
-    total scatter = within + between-class scatter), in float64; the state is float64 and the precisions are
-    pseudo-inverses. ``B x C x H x W`` feature maps are averaged over space.
+    Both Gaussians come from one streaming pass (:class:`~ood_core.gaussian.ClassGaussianStats` through
+    :class:`~ood_core.detector.gaussian_fit.ClassGaussianFit`; total scatter = within + between-class
+    scatter), in float64; the state is float64 and the precisions are pseudo-inverses. ``B x C x H x W``
+    feature maps are averaged over space.
 
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
     """
@@ -44,33 +46,16 @@ class RMD(Detector):
         "background_mu": TensorSpec(("D",), torch.float64),
         "background_precision": TensorSpec(("D", "D"), torch.float64),
     }
-    requires_fit = True
-    input_kind = "features"
 
     def __init__(self, model: Any = None) -> None:
         super().__init__()
         self.model = model
 
-    @property
-    def feature_dim(self) -> int | None:
-        return int(self.mu.shape[1]) if self.is_fitted else None
-
-    @property
-    def num_classes(self) -> int | None:
-        return int(self.mu.shape[0]) if self.is_fitted else None
-
-    def _begin_fit(self) -> None:
-        self._stats = ClassGaussianStats()
-
-    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
-        self._stats.update(pooled_features(z), y)
-
-    def _finish_fit(self) -> None:
-        _, means, within = self._stats.finish()
-        background_mean, total = self._stats.total_covariance()
+    def _store_gaussians(self, stats: ClassGaussianStats) -> None:
+        _, means, within = stats.finish()
+        background_mean, total = stats.total_covariance()
         self.mu, self.precision = means, robust_precision(within)
         self.background_mu, self.background_precision = background_mean, robust_precision(total)
-        del self._stats
 
     def predict_features(self, x: Tensor) -> Tensor:
         """:param x: ``B x D`` features (or ``B x D x H x W`` maps, averaged); returns ``B`` scores"""

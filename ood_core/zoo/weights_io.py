@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ood_core.api import OODError
+from ood_core.errors import OODError
 from ood_core.zoo.models import DigitsCNN, DigitsSegmenter
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

@@ -1,0 +1,53 @@
+"""The streaming fit shared by the detectors whose state is class-conditional Gaussians on one feature layer.
+
+:class:`ClassGaussianFit` folds every batch of (spatially pooled) features into one
+:class:`~ood_core.gaussian.ClassGaussianStats` and hands the finished statistics to the subclass's
+:meth:`~ClassGaussianFit._store_gaussians`, which turns them into its state buffers.
+:class:`~ood_core.detector.Mahalanobis` and :class:`~ood_core.detector.RMD` use it.
+:class:`~ood_core.detector.MultiMahalanobis` does not: it keeps one set of statistics per layer and pads
+their widths into one state.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from torch import Tensor
+
+from ood_core.api import Detector
+from ood_core.gaussian import ClassGaussianStats, pooled_features
+
+
+class ClassGaussianFit(Detector):
+    """Fit hooks and sizes of a detector with class means ``mu`` (``C x D``) fitted from one streaming pass.
+
+    Subclasses declare ``mu`` (and whatever else :meth:`_store_gaussians` sets) in their ``state_spec``.
+    """
+
+    requires_fit = True
+    input_kind = "features"
+
+    #: class means, ``C x D`` (a buffer of the subclass's ``state_spec``)
+    mu: Tensor
+
+    @property
+    def feature_dim(self) -> int | None:
+        return int(self.mu.shape[1]) if self.is_fitted else None
+
+    @property
+    def num_classes(self) -> int | None:
+        return int(self.mu.shape[0]) if self.is_fitted else None
+
+    def _begin_fit(self) -> None:
+        self._stats = ClassGaussianStats()
+
+    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
+        self._stats.update(pooled_features(z), y)
+
+    def _finish_fit(self) -> None:
+        self._store_gaussians(self._stats)
+        del self._stats
+
+    @abstractmethod
+    def _store_gaussians(self, stats: ClassGaussianStats) -> None:
+        """Set the fitted state from the statistics of all fit batches (``stats.finish()`` and the like)."""
