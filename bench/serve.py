@@ -373,27 +373,22 @@ class InProcess:
 
     def __init__(self, config: Path | None, state_dir: Path) -> None:
         from service.demo import demo_model_configs
-        from service.registry import build_detector
-        from service.runtime import ActiveDetector, ServedModel
+        from service.engine.served_model import ServedModel
         from service.settings import load_settings
-        from service.store import StateStore
+        from service.states.manager import StateManager
 
         self.settings = load_settings(config, state_dir=state_dir)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inprocess")
         configs = self.settings.models or demo_model_configs()
         self.model = ServedModel(next(c for c in configs if c.task == "classification"), self.settings)
-        store = StateStore(state_dir)
-        for stored in store.list_states(self.model.name):
-            _, data = store.read(self.model.name, stored.name)
-            active = ActiveDetector(stored.name, build_detector(self.model, data), stored)
-            self.model.detectors = {**self.model.detectors, stored.name: active}
+        StateManager(state_dir).load_stored(self.model)
 
     def install_energy_state(self, images: int = 64) -> None:
         """Calibrate an EnergyBased detector on random images and store it (for the random-weight resnet18)."""
         import torch
 
-        from service.fitting import fit_state
-        from service.store import StateStore
+        from service.states.fitting import fit_state
+        from service.states.store import StateStore
 
         pixels = list(torch.randint(0, 256, (images, 3, *self.model.config.input_size), dtype=torch.uint8))
         outputs = self.model.forward_chunks(pixels, chunk=32)
@@ -401,8 +396,9 @@ class InProcess:
         StateStore(self.settings.state_dir).put(self.model.name, "energy", data, "EnergyBased")
 
     def batch_scorer(self, image: bytes) -> Callable[[int], object]:
-        from service.images import RawImage, decode_image
-        from service.scoring import ScoreItem, process_batch
+        from service.engine.decode import RawImage, decode_image
+        from service.engine.items import ScoreItem
+        from service.engine.scoring import process_batch
 
         model, max_pixels = self.model, self.settings.max_pixels
         detectors = tuple(model.detectors[name] for name in sorted(model.detectors))

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from service.fitting import fit_state
-from service.runtime import ServedModel
+from torch import Tensor
+
+from service.engine.served_model import ServedModel
 from service.settings import HeadsConfig, ModelConfig, NodesConfig, PreprocessConfig
-
-if TYPE_CHECKING:
-    from service.context import ServiceContext
+from service.states.fitting import fit_state
+from service.states.manager import StateManager
 
 logger = logging.getLogger("service.demo")
 
@@ -73,7 +73,7 @@ def demo_model_configs() -> list[ModelConfig]:
     ]
 
 
-def _demo_data(model: ServedModel) -> tuple[Any, Any, Any]:
+def _demo_data(model: ServedModel) -> tuple[Tensor, Tensor | None, Tensor]:
     """(fit images, fit labels, calibration images) as float [0, 1] tensors."""
     if model.task == "classification":
         from ood_core.data import load_split
@@ -88,7 +88,7 @@ def _demo_data(model: ServedModel) -> tuple[Any, Any, Any]:
     return fit_x, None, cal_x
 
 
-def ensure_demo_detectors(context: ServiceContext, model: ServedModel) -> None:
+def ensure_demo_detectors(states: StateManager, model: ServedModel) -> None:
     """Fit, calibrate and store the demo detectors the state directory does not hold yet (blocking)."""
     wanted = [spec for spec in DEMO_DETECTORS.get(model.name, []) if spec[0] not in model.detectors]
     if not wanted:
@@ -100,7 +100,7 @@ def ensure_demo_detectors(context: ServiceContext, model: ServedModel) -> None:
     for name, class_name, hparams in wanted:
         try:
             data = fit_state(model, class_name, hparams, fit_outputs, fit_y, cal_outputs)
-            context.install(model, name, data)
+            states.install(model, name, data)
         except Exception:
             logger.exception("cannot fit demo detector", extra={"model": model.name, "detector": name})
     logger.info(

@@ -1,15 +1,10 @@
-"""The service's exceptions and the ``application/problem+json`` (RFC 9457) error body.
+"""The service's exceptions, shared by every layer (no web import: the engine and the states raise them too).
 
-Routes and helpers raise these; the ONE exception -> status table lives in :func:`service.app.create_app`.
+Each carries its problem ``title`` and the ``detail`` message; the ONE exception -> HTTP status table and the
+``application/problem+json`` body live in :mod:`service.api.problems`.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-from fastapi.responses import JSONResponse
-
-PROBLEM_JSON = "application/problem+json"
 
 
 class ServiceError(Exception):
@@ -87,22 +82,3 @@ class NotReadyError(ServiceError):
 
     def __init__(self, detail: str = "the service is warming up", retry_after_s: float = 1.0) -> None:
         super().__init__(detail, headers={"Retry-After": str(max(1, round(retry_after_s)))})
-
-
-def problem_response(
-    status: int,
-    title: str,
-    detail: str,
-    instance: str,
-    request_id: str | None = None,
-    headers: dict[str, str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> JSONResponse:
-    """A problem+json response: ``{"type", "title", "status", "detail", "instance", "request_id"}``."""
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    body["instance"] = instance
-    if request_id:
-        body["request_id"] = request_id
-    if extra:
-        body.update(extra)
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)

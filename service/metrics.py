@@ -1,15 +1,20 @@
-"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process).
+
+Who feeds what: the HTTP middleware the request counts and latencies (:meth:`ServiceMetrics.observe_request`),
+the batcher the batch sizes, queue waits and compute times (:meth:`ServiceMetrics.on_batch`), the batch worker
+the images, scores, verdicts and p-values (:meth:`ServiceMetrics.observe_scores`), once per detector and batch;
+queue depths and active state versions are read from the models at scrape time.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.runtime import ServedModel
-from service.scoring import ItemResult
+from service.engine.served_model import ServedModel
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -20,7 +25,7 @@ P_VALUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.
 class _LiveCollector(Collector):
     """Queue depth and active state versions, read from the models at scrape time."""
 
-    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+    def __init__(self, models: Iterable[ServedModel]) -> None:
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
@@ -30,7 +35,7 @@ class _LiveCollector(Collector):
             "Active detector state (value 1) with its version and sha256",
             labels=["model", "detector", "detector_class", "version", "sha256"],
         )
-        for model in self._models():
+        for model in self._models:
             batcher = model.batcher
             depth.add_metric([model.name], float(batcher.queue_depth if batcher is not None else 0))
             for name, active in sorted(model.detectors.items()):
@@ -41,9 +46,10 @@ class _LiveCollector(Collector):
 
 
 class ServiceMetrics:
-    """All metrics; also the batchers' :class:`~service.batcher.BatchObserver`."""
+    """All metrics; also the batchers' :class:`~service.engine.batcher.BatchObserver` and the batch worker's
+    :class:`~service.engine.scoring.ScoreObserver`. ``models`` is iterated at every scrape."""
 
-    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+    def __init__(self, models: Iterable[ServedModel]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -127,18 +133,27 @@ class ServiceMetrics:
             )
         return children
 
-    def observe_score(
-        self, model: str, detector: str, score: float, is_ood: bool | None, p_value: float | None
-    ) -> None:
-        scores, p_values, ood, in_distribution = self._score_metrics(model, detector)
-        scores.observe(score)
-        if is_ood is not None:
-            (ood if is_ood else in_distribution).inc()
-        if p_value is not None:
-            p_values.observe(p_value)
+    def observe_images(self, model: str, task: str, count: int) -> None:
+        self.images.labels(model, "segment" if task == "segmentation" else "score").inc(count)
 
-    def observe_verdicts(self, model: str, results: Iterable[ItemResult]) -> None:
-        """Score, verdict and p-value metrics of classification results (``ItemResult.verdicts``)."""
-        for result in results:
-            for detector, verdict in result.verdicts.items():
-                self.observe_score(model, detector, result.scores[detector], verdict["is_ood"], verdict["p_value"])
+    def observe_scores(
+        self,
+        model: str,
+        detector: str,
+        scores: list[float],
+        is_ood: list[bool | None],
+        p_values: list[float | None],
+    ) -> None:
+        """One detector's scores, verdicts and p-values of one batch (called from the batch worker thread)."""
+        histogram, p_histogram, ood, in_distribution = self._score_metrics(model, detector)
+        for score in scores:
+            histogram.observe(score)
+        flagged = sum(1 for v in is_ood if v is True)
+        passed = sum(1 for v in is_ood if v is False)
+        if flagged:
+            ood.inc(flagged)
+        if passed:
+            in_distribution.inc(passed)
+        for p_value in p_values:
+            if p_value is not None:
+                p_histogram.observe(p_value)

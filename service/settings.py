@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.errors import InvalidNameError
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Model and detector names: letters, digits, ``_ . -``, not starting with a dot (no path traversal)."""
 
@@ -27,6 +29,16 @@ Size = tuple[int, int]
 
 def is_valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name  # fullmatch: "$" would accept a final "\n"
+
+
+def check_name(kind: str, name: str) -> str:
+    """Raise :class:`~service.errors.InvalidNameError` unless ``name`` is a safe path component."""
+    if not is_valid_name(name):
+        raise InvalidNameError(
+            f"invalid {kind} name {name!r}: 1-64 characters of letters, digits, '_', '.', '-', not starting with "
+            "'.' and without '..'"
+        )
+    return name
 
 
 def _size(value: Any) -> Any:

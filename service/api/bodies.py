@@ -1,40 +1,21 @@
-"""Read images from a request (multipart ``files`` or JSON ``instances``) and decode them within the limits.
-
-The pixel count is read from the header (``Image.open`` is lazy) and checked before any pixel is decoded, which
-refuses decompression bombs.
-"""
+"""Read the images of a request (multipart ``files`` or JSON ``instances``) and its other fields, within the
+limits; decoding the images is the engine's (:mod:`service.engine.decode`)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
-from service.errors import (
-    BadRequestError,
-    ImageDecodeError,
-    ImageTooLargeError,
-    TooManyImagesError,
-    UnsupportedMediaTypeError,
-)
-from service.multipart import parse_multipart
+from service.api.multipart import parse_multipart
+from service.engine.decode import RawImage
+from service.errors import BadRequestError, ImageDecodeError, TooManyImagesError, UnsupportedMediaTypeError
 
 ACCEPTED_TYPES = ("multipart/form-data", "application/json")
-
-
-@dataclass
-class RawImage:
-    """Encoded image bytes and where they came from (for error messages)."""
-
-    data: bytes
-    source: str
 
 
 @dataclass
@@ -95,69 +76,3 @@ def _json_body(body: bytes) -> ParsedBody:
             raise ImageDecodeError(f"instances[{index}].b64 is not valid base64: {exc}") from exc
     fields = {k: v for k, v in payload.items() if k != "instances"}
     return ParsedBody(images, fields, instances)
-
-
-def open_image(raw: RawImage, max_pixels: int) -> Image.Image:
-    """Read only the header (``Image.open`` is lazy): 413 if it announces more than ``max_pixels``, 422 if it is
-    not an image. Cheap enough for the event loop; :func:`load_image` then decodes the pixels."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw.data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{raw.source}: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"{raw.source}: cannot decode image: {exc}") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{raw.source}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-        )
-    return image
-
-
-def load_image(image: Image.Image, raw: RawImage) -> Image.Image:
-    """Decode the pixels of an image from :func:`open_image` (422 if they do not decode)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{raw.source}: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"{raw.source}: cannot decode image: {exc}") from exc
-    return image
-
-
-def decode_image(raw: RawImage, max_pixels: int) -> Image.Image:
-    """Decode one image; 413 if its header announces more than ``max_pixels``, 422 if it does not decode."""
-    return load_image(open_image(raw, max_pixels), raw)
-
-
-IMAGES_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["files"],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "instances": {
-                            "type": "array",
-                            "items": {"type": "object", "properties": {"b64": {"type": "string", "format": "byte"}}},
-                        }
-                    },
-                    "required": ["instances"],
-                }
-            },
-        },
-    }
-}
-"""OpenAPI description of the image bodies (the routes parse the body themselves, to control limits/errors)."""

@@ -1,42 +1,69 @@
-"""Shared route dependencies as ``Annotated`` aliases (``async def``: FastAPI runs plain ``def`` dependencies in
-the thread pool, one thread hop each)."""
+"""Route dependencies as ``Annotated`` aliases (``async def``: FastAPI runs plain ``def`` dependencies in the
+thread pool, one thread hop each).
+
+Routes get :class:`ApiServices`, the request path's view of the service (model lookups, the state manager,
+metrics, limits, keys), never the object that owns start-up (:class:`service.context.ServiceContext`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Query, Request
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.context import ServiceContext
-from service.runtime import ServedModel
-from service.store import check_name
-
-
-async def get_context(request: Request) -> ServiceContext:
-    context: ServiceContext = request.app.state.context
-    return context
-
-
-Context = Annotated[ServiceContext, Depends(get_context)]
+from service.api.auth import ApiKeys
+from service.engine.catalog import ModelCatalog
+from service.engine.served_model import ServedModel
+from service.metrics import ServiceMetrics
+from service.settings import Settings, check_name
+from service.states.manager import StateManager
 
 
-async def require_write(context: Context, authorization: Annotated[str | None, Header()] = None) -> None:
+@dataclass(frozen=True)
+class ApiServices:
+    """What a route may use (``app.state.services``)."""
+
+    settings: Settings
+    catalog: ModelCatalog
+    states: StateManager
+    metrics: ServiceMetrics
+    keys: ApiKeys
+
+
+async def get_services(request: Request) -> ApiServices:
+    services: ApiServices = request.app.state.services
+    return services
+
+
+Services = Annotated[ApiServices, Depends(get_services)]
+
+_bearer = HTTPBearer(auto_error=False, description="an API key of OOD_API_KEYS / OOD_API_KEYS_FILE")
+"""Only declares the security scheme in ``/openapi.json``; the check reads the header itself (so a wrong scheme
+gets its own message)."""
+
+
+async def require_write(
+    services: Services, request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     """Writes always need a valid API key (401 without, 403 with a wrong one)."""
-    context.keys.check(authorization)
+    services.keys.check(request.headers.get("authorization"))
 
 
-async def require_read(context: Context, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Reads need a key only when ``OOD_REQUIRE_AUTH_FOR_READ=true``."""
-    if context.settings.require_auth_for_read:
-        context.keys.check(authorization)
+async def require_read(services: Services, request: Request) -> None:
+    """Reads need a key only when ``OOD_REQUIRE_AUTH_FOR_READ=true`` (then no schema is served). The header is
+    read from the request, not declared as a parameter: nothing about it can fail validation."""
+    if services.settings.require_auth_for_read:
+        services.keys.check(request.headers.get("authorization"))
 
 
 WriteAccess = Annotated[None, Depends(require_write)]
 ReadAccess = Annotated[None, Depends(require_read)]
 
 
-async def get_model(context: Context, model: Annotated[str, Path(description="model name")]) -> ServedModel:
-    return context.model(model)
+async def get_model(services: Services, model: Annotated[str, Path(description="model name")]) -> ServedModel:
+    return services.catalog.get(model)
 
 
 Model = Annotated[ServedModel, Depends(get_model)]
@@ -50,7 +77,7 @@ DetectorName = Annotated[str, Depends(get_detector_name)]
 
 
 async def parse_detectors(
-    detectors: Annotated[str | None, Query(description="comma-separated detector names")] = None,
+    detectors: Annotated[str | None, Query(description="comma-separated detector names (default: all)")] = None,
 ) -> list[str] | None:
     """``?detectors=a,b`` -> ``["a", "b"]`` (``None``: every active detector)."""
     if detectors is None or not detectors.strip():

@@ -4,7 +4,6 @@ wrapped by ``create_feature_extractor`` so that ONE forward yields logits, poole
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,21 +55,23 @@ def _zoo_network(config: ModelConfig) -> nn.Module:
 
 
 def _torchvision_network(config: ModelConfig) -> nn.Module:
+    """``torchvision.models.get_model(architecture, weights=None, num_classes=...)``: any registered builder
+    (classification, segmentation, ...); nothing is downloaded, the weights come from ``config.weights``."""
     import torchvision.models as tvm
-    import torchvision.models.segmentation as tvseg
 
-    builder: Callable[..., nn.Module] | None = getattr(tvm, config.architecture, None)
-    if config.task == "segmentation" or builder is None:
-        builder = getattr(tvseg, config.architecture, builder)
-    if builder is None or not callable(builder):
-        raise NetworkConfigError(f"torchvision has no architecture {config.architecture!r}")
+    if config.weights is None:
+        raise NetworkConfigError(f"model {config.name!r}: a torchvision network needs a safetensors 'weights' file")
+    try:
+        builder = tvm.get_model_builder(config.architecture)
+    except ValueError:
+        raise NetworkConfigError(
+            f"torchvision has no architecture {config.architecture!r} (see torchvision.models.list_models())"
+        ) from None
     kwargs: dict[str, Any] = {"weights": None, "num_classes": config.num_classes}
     accepted = inspect.signature(builder).parameters
     # segmentation builders: no pretrained backbone download; the auxiliary head is a training aid, not served
     kwargs.update({k: v for k, v in (("weights_backbone", None), ("aux_loss", False)) if k in accepted})
-    network = builder(**kwargs)
-    if config.weights is None:
-        raise NetworkConfigError(f"model {config.name!r}: a torchvision network needs a safetensors 'weights' file")
+    network = tvm.get_model(config.architecture, **kwargs)
     tensors = load_file(str(config.weights))
     try:
         missing, unexpected = network.load_state_dict(tensors, strict=False)

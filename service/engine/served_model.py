@@ -5,35 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ood_core.api import Detector
-from service.networks import LogitsOnly, build_extractor, build_heads, build_network
-from service.preprocess import Preprocessor
+from service.engine.active import ActiveDetector
+from service.engine.batcher import DynamicBatcher
+from service.engine.items import ItemResult, ScoreItem
+from service.engine.networks import LogitsOnly, build_extractor, build_heads, build_network
+from service.engine.preprocess import Preprocessor
 from service.settings import ModelConfig, Settings
-from service.store import StoredState
 
 OUTPUT_KINDS = ("logits", "features", "feature_maps")
-
-
-@dataclass(frozen=True, eq=False)
-class ActiveDetector:
-    """A loaded detector and the stored version it came from (immutable: a swap replaces the object, so an
-    in-flight request keeps using the one it resolved)."""
-
-    name: str
-    detector: Detector
-    stored: StoredState
-    thresholds: dict[float | None, float] = field(default_factory=dict, repr=False)
-    """Calibration thresholds by requested TPR (``None``: the target), computed once."""
-
-    @property
-    def input_kind(self) -> str:
-        return self.detector.input_kind
 
 
 class OutputOf(nn.Module):
@@ -73,7 +57,8 @@ class ServedModel:
         self.preprocessor = Preprocessor(config.preprocessing, config.input_size)
         self.detectors: dict[str, ActiveDetector] = {}
         """Active detectors; replaced as a whole (copy-on-write) on every change."""
-        self.batcher: Any = None
+        self.batcher: DynamicBatcher[ScoreItem, ItemResult] | None = None
+        """Set by :func:`service.engine.submit.attach_batcher` when the service starts."""
         self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)
         """Requests of this model decoding in the thread pool at once: one per CPU (the pool allows 40 threads, which
         on a small CPU oversubscribes the cores the forward needs; decoders release the GIL, so more gain nothing)."""
@@ -127,14 +112,3 @@ class ServedModel:
         """:meth:`forward` in chunks, concatenated (for fitting on many images)."""
         parts = [self.forward(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
         return {kind: torch.cat([p[kind] for p in parts]) for kind in parts[0]}
-
-    def describe(self) -> dict[str, Any]:
-        height, width = self.config.input_size
-        return {
-            "name": self.name,
-            "task": self.task,
-            "classes": self.labels,
-            "input_size": [height, width],
-            "device": str(self.device),
-            "detectors": sorted(self.detectors),
-        }

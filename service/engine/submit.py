@@ -1,24 +1,62 @@
-"""Request -> batcher -> results: what /score and /segment share.
+"""The one way into the engine for a scoring request: check it, decode its images, submit them, get results.
+
+A route calls, in this order: :func:`resolve` (the route fits the model's task, the threshold parameters are
+valid, the requested detectors exist: resolved ONCE, so a later swap does not affect this request), then
+:func:`decode_images`, then :func:`submit`; the results come back finished by the batch worker
+(:func:`service.engine.scoring.process_batch`, wired to the model's batcher by :func:`attach_batcher`).
 
 Decoding: a request whose images are small (:data:`INLINE_DECODE_BYTES` encoded, :data:`INLINE_DECODE_PIXELS` in
 total from their headers, counting the decoded images and the model input they are resized to) is decoded on the
 event loop, since a thread hop costs more than decoding a few thousand pixels (~0.1 ms per 32x32 PNG); larger ones
-are decoded in the thread pool so the event loop never blocks long, at most one request per CPU at a time
+are decoded in the default thread pool so the event loop never blocks long, at most one request per CPU at a time
 (:attr:`ServedModel.decode_slots`). Either way the pixel limit is checked from the header before decoding.
 """
 
 from __future__ import annotations
 
-from fastapi import Request
+import asyncio
+from functools import partial
+from typing import Protocol
+
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from service.context import ServiceContext
+from service.engine.active import ActiveDetector
+from service.engine.batcher import BatchObserver, DynamicBatcher
+from service.engine.decode import RawImage, load_image, open_image
+from service.engine.items import ItemResult, ScoreItem
+from service.engine.scoring import ScoreObserver, process_batch
+from service.engine.served_model import ServedModel
+from service.engine.verdicts import check_threshold_params
 from service.errors import DetectorNotFoundError, WrongTaskError
-from service.images import RawImage, load_image, open_image, read_body
-from service.runtime import ActiveDetector, ServedModel
-from service.scoring import ItemResult, ScoreItem
+
+INLINE_DECODE_PIXELS = 8192
+"""Largest request (decoded pixels + model input pixels, over all its images) decoded on the event loop."""
+INLINE_DECODE_BYTES = 64 * 1024
+"""Largest body (encoded image bytes) whose headers are even read on the event loop; larger ones go to the pool."""
+
+Decoded = list[tuple[Tensor, tuple[int, int]]]
+"""Per image: ``uint8`` pixels at the model's input size and the original ``(height, width)``."""
+
+
+class EngineObserver(BatchObserver, ScoreObserver, Protocol):
+    """Batch and score metrics (:class:`service.metrics.ServiceMetrics`)."""
+
+
+def attach_batcher(
+    model: ServedModel, *, max_queue: int, timeout_s: float, observer: EngineObserver | None = None
+) -> DynamicBatcher[ScoreItem, ItemResult]:
+    """Give ``model`` its batcher, whose worker runs :func:`process_batch` (start it with ``await .start()``)."""
+    model.batcher = DynamicBatcher(
+        partial(process_batch, model, observer=observer),
+        max_batch_size=model.max_batch_size,
+        max_wait_ms=model.max_wait_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        name=model.name,
+        observer=observer,
+    )
+    return model.batcher
 
 
 def require_task(model: ServedModel, task: str, route: str) -> None:
@@ -28,7 +66,7 @@ def require_task(model: ServedModel, task: str, route: str) -> None:
 
 
 def resolve_detectors(model: ServedModel, names: list[str] | None) -> tuple[ActiveDetector, ...]:
-    """The active detectors a request uses, resolved ONCE (a later swap does not affect this request)."""
+    """The active detectors a request uses (``None``: all), resolved once."""
     active = model.detectors
     if names is None:
         return tuple(active[name] for name in sorted(active))
@@ -40,12 +78,18 @@ def resolve_detectors(model: ServedModel, names: list[str] | None) -> tuple[Acti
     return tuple(active[name] for name in dict.fromkeys(names))
 
 
-INLINE_DECODE_PIXELS = 8192
-"""Largest request (decoded pixels + model input pixels, over all its images) decoded on the event loop."""
-INLINE_DECODE_BYTES = 64 * 1024
-"""Largest body (encoded image bytes) whose headers are even read on the event loop; larger ones go to the pool."""
-
-Decoded = list[tuple[Tensor, tuple[int, int]]]
+def resolve(
+    model: ServedModel,
+    task: str,
+    route: str,
+    names: list[str] | None,
+    threshold: float | None,
+    tpr: float | None,
+) -> tuple[ActiveDetector, ...]:
+    """Everything checked before the body is read: task, threshold parameters, detectors."""
+    require_task(model, task, route)
+    check_threshold_params(threshold, tpr)
+    return resolve_detectors(model, names)
 
 
 def _decode_all(model: ServedModel, raws: list[RawImage], opened: list[Image.Image] | None, max_pixels: int) -> Decoded:
@@ -56,10 +100,8 @@ def _decode_all(model: ServedModel, raws: list[RawImage], opened: list[Image.Ima
     return out
 
 
-async def decode_request(context: ServiceContext, model: ServedModel, request: Request) -> Decoded:
-    """Read the body and decode every image: ``(uint8 pixels, original (h, w))`` (see the module docstring)."""
-    body = await read_body(request, context.settings.max_images_per_request)
-    raws, max_pixels = body.images, context.settings.max_pixels
+async def decode_images(model: ServedModel, raws: list[RawImage], max_pixels: int) -> Decoded:
+    """Decode and preprocess every image (see the module docstring for where)."""
     opened = None
     if sum(len(raw.data) for raw in raws) <= INLINE_DECODE_BYTES:
         opened = [open_image(raw, max_pixels) for raw in raws]  # headers only
@@ -67,20 +109,21 @@ async def decode_request(context: ServiceContext, model: ServedModel, request: R
         if sum(image.width * image.height + height * width for image in opened) <= INLINE_DECODE_PIXELS:
             return _decode_all(model, raws, opened, max_pixels)
     async with model.decode_slots:
-        return await run_in_threadpool(_decode_all, model, raws, opened, max_pixels)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, _decode_all, model, raws, opened, max_pixels)
 
 
-async def run_items(
-    context: ServiceContext,
+async def submit(
     model: ServedModel,
     decoded: Decoded,
     detectors: tuple[ActiveDetector, ...],
-    with_maps: bool,
     threshold: float | None = None,
     tpr: float | None = None,
 ) -> list[ItemResult]:
-    """Submit the images to the model's batcher; results in request order."""
+    """Submit the images to the model's batcher; finished results in request order (segmentation maps at each
+    image's original size)."""
+    if model.batcher is None:
+        raise RuntimeError(f"model {model.name!r} has no batcher: attach_batcher() was not called")
+    with_maps = model.task == "segmentation"
     items = [ScoreItem(pixels, detectors, size if with_maps else None, threshold, tpr) for pixels, size in decoded]
-    results: list[ItemResult] = await model.batcher.submit(items)
-    context.metrics.images.labels(model.name, "segment" if with_maps else "score").inc(len(items))
-    return results
+    return await model.batcher.submit(items)

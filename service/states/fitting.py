@@ -1,6 +1,6 @@
 """Fit and calibrate a detector through the served model (the same preprocessing and forward as scoring).
 
-Images go through :class:`~service.preprocess.Preprocessor` and :meth:`ServedModel.forward`; the detector is
+Images go through :class:`~service.engine.preprocess.Preprocessor` and :meth:`ServedModel.forward`; the detector is
 fitted with ``fit_features`` on the output it consumes, then calibrated on held-out ID images
 (:class:`~ood_core.calibration.Calibration`, threshold at 95% ID TPR, conformal p-values). The result is a
 ``save_detector`` state, installed like an upload.
@@ -16,9 +16,9 @@ from torch import Tensor
 from ood_core.api import Detector, InvalidStateError
 from ood_core.calibration import DEFAULT_TPR, Calibration
 from ood_core.state import detector_class, save_detector
+from service.engine.served_model import ServedModel
 from service.errors import BadRequestError
-from service.registry import check_servable, external_modules
-from service.runtime import ServedModel
+from service.states.validate import check_servable, external_modules
 
 
 def split_calibration(labels: Tensor, share: float, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -23,41 +23,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ood_core.state import write_atomic
-from service.errors import DetectorNotFoundError, InvalidNameError
-from service.settings import is_valid_name
+from service.engine.active import StoredState
+from service.errors import DetectorNotFoundError
+from service.settings import check_name, is_valid_name
 
 ACTIVE = "active.json"
 _VERSION_FILE = re.compile(r"^v(\d+)\.safetensors$")
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """Description of the active version of one detector state."""
-
-    model: str
-    name: str
-    version: int
-    sha256: str
-    size_bytes: int
-    detector_class: str
-    uploaded_at: str
-
-    def public(self) -> dict[str, object]:
-        return {k: v for k, v in asdict(self).items() if k != "model"}
-
-
-def check_name(kind: str, name: str) -> str:
-    """Raise :class:`InvalidNameError` unless ``name`` is a safe path component."""
-    if not is_valid_name(name):
-        raise InvalidNameError(
-            f"invalid {kind} name {name!r}: 1-64 characters of letters, digits, '_', '.', '-', not starting with "
-            "'.' and without '..'"
-        )
-    return name
+__all__ = ["ACTIVE", "StateStore", "StoredState", "check_name", "fsync_dir", "sha256_hex"]
 
 
 def sha256_hex(data: bytes) -> str:

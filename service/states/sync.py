@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from service.registry import build_detector
-from service.runtime import ActiveDetector, ServedModel
-from service.store import StateStore
+from service.engine.active import ActiveDetector
+from service.engine.served_model import ServedModel
+from service.states.manager import StateManager
+from service.states.validate import build_detector
 
 logger = logging.getLogger("service.sync")
-
-
-class SyncTarget(Protocol):
-    """What the sync needs of the running service (:class:`service.context.ServiceContext`)."""
-
-    store: StateStore
-    models: dict[str, ServedModel]
-    write_lock: threading.Lock
-    """Held by every change of a model's detectors (installs, deletes, this sync's swaps)."""
 
 
 @dataclass
@@ -44,7 +35,7 @@ class SyncReport:
         return bool(self.loaded or self.removed)
 
 
-def sync_model(target: SyncTarget, model: ServedModel, report: SyncReport) -> None:
+def sync_model(states: StateManager, model: ServedModel, report: SyncReport) -> None:
     """One pass over one model's stored states (blocking: file reads and detector loading).
 
     The served detectors are read before the directory is listed: an install on this replica writes the disk
@@ -52,14 +43,14 @@ def sync_model(target: SyncTarget, model: ServedModel, report: SyncReport) -> No
     served detector is still the one compared (compare-and-swap), so a concurrent install is never undone.
     """
     served = dict(model.detectors)
-    stored = {state.name: state for state in target.store.list_states(model.name)}
+    stored = {state.name: state for state in states.store.list_states(model.name)}
     loaded: dict[str, ActiveDetector] = {}
     for name, state in stored.items():
         active = served.get(name)
         if active is not None and (active.stored.version, active.stored.sha256) == (state.version, state.sha256):
             continue
         try:
-            info, data = target.store.read(model.name, name)
+            info, data = states.store.read(model.name, name)
             loaded[name] = ActiveDetector(name=name, detector=build_detector(model, data), stored=info)
         except Exception:
             # a state half-way through being replaced, or one this replica cannot serve: keep the old one
@@ -68,7 +59,7 @@ def sync_model(target: SyncTarget, model: ServedModel, report: SyncReport) -> No
     gone = [name for name in served if name not in stored]
     if not loaded and not gone:
         return
-    with target.write_lock:
+    with states.write_lock:
         current = dict(model.detectors)
         for name, active in loaded.items():
             if current.get(name) is served.get(name):
@@ -81,11 +72,11 @@ def sync_model(target: SyncTarget, model: ServedModel, report: SyncReport) -> No
         model.detectors = current
 
 
-def sync_once(target: SyncTarget) -> SyncReport:
+def sync_once(states: StateManager, models: Iterable[ServedModel]) -> SyncReport:
     """Bring every served model's detectors in line with the state directory (blocking)."""
     report = SyncReport()
-    for model in list(target.models.values()):
-        sync_model(target, model, report)
+    for model in list(models):
+        sync_model(states, model, report)
     if report.changed:
         logger.info(
             "detector states synced",
@@ -97,11 +88,11 @@ def sync_once(target: SyncTarget) -> SyncReport:
     return report
 
 
-async def run_sync_loop(target: SyncTarget, interval_s: float) -> None:
+async def run_sync_loop(states: StateManager, models: Iterable[ServedModel], interval_s: float) -> None:
     """Call :func:`sync_once` in a worker thread every ``interval_s`` seconds until cancelled."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await asyncio.to_thread(sync_once, target)
+            await asyncio.to_thread(sync_once, states, models)
         except Exception:
             logger.exception("state sync failed")

@@ -15,8 +15,8 @@ import torch
 
 from ood_core.api import Detector, InvalidStateError
 from ood_core.state import detector_class, load_detector, read_state_info
+from service.engine.served_model import ServedModel
 from service.errors import UnservableDetectorError
-from service.runtime import ServedModel
 
 SERVABLE_KINDS = ("logits", "features", "feature_maps")
 

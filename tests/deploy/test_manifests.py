@@ -137,7 +137,7 @@ def _exported_metric_names() -> set[str]:
     from service.metrics import ServiceMetrics
 
     names: set[str] = set()
-    for family in ServiceMetrics(lambda: []).registry.collect():
+    for family in ServiceMetrics([]).registry.collect():
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
         names.add(family.name)
         names.update(family.name + suffix for suffix in suffixes)

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 import service.__main__ as entry
 from service.__main__ import parse_args
+from service.api.auth import ApiKeys
 from service.app import create_app
-from service.auth import ApiKeys
 from service.errors import AuthenticationRequiredError, ForbiddenError
 from service.settings import load_settings
 
@@ -115,12 +115,12 @@ def test_app_reads_the_environment_when_created_not_when_imported(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    context = create_app().state.context  # service.app was imported long before these variables existed
-    s = context.settings
+    services = create_app().state.services  # service.app was imported long before these variables existed
+    s = services.settings
     assert (s.state_dir, s.device, s.max_batch_size) == (tmp_path / "states", "cpu", 7)
     assert (s.max_images_per_request, s.max_pixels, s.max_body_bytes) == (3, 4096, 512 * 1024)
     assert s.require_auth_for_read and s.log_json
-    assert all(context.keys.matches(k) for k in ("k1", "k2", "from-file")) and not context.keys.matches("k3")
+    assert all(services.keys.matches(k) for k in ("k1", "k2", "from-file")) and not services.keys.matches("k3")
     monkeypatch.setenv("OOD_MAX_BATCH_SIZE", "9")
     assert create_app().state.context.settings.max_batch_size == 9
 
@@ -135,7 +135,7 @@ def test_entry_point_passes_host_port_and_config_file(tmp_path: Path, monkeypatc
     assert (served["host"], served["port"]) == ("0.0.0.0", 9123)
     settings = served["app"].state.context.settings  # type: ignore[attr-defined]
     assert settings.max_batch_size == 3 and settings.state_dir == tmp_path / "states"
-    assert served["app"].state.context.keys.matches("file-key")  # type: ignore[attr-defined]
+    assert served["app"].state.services.keys.matches("file-key")  # type: ignore[attr-defined]
     monkeypatch.setenv("OOD_CONFIG", str(config))  # the same file through the environment
     monkeypatch.setenv("OOD_PORT", "9124")
     entry.main([])

@@ -1,1 +1,1 @@
-"""Thin HTTP routes: parse, call the service, shape the response."""
+"""Thin HTTP routes, one module per resource: parse, call the engine or the state manager, shape the answer."""

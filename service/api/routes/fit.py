@@ -11,13 +11,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.context import ServiceContext
-from service.deps import Context, DetectorName, Model, WriteAccess
+from service.api.bodies import ParsedBody, read_body
+from service.api.deps import ApiServices, DetectorName, Model, Services, WriteAccess
+from service.api.problems import problem_responses
+from service.api.routes.detectors import WRITTEN, written
+from service.api.schemas import FIT_BODY, DetectorInfo
+from service.engine.active import ActiveDetector
+from service.engine.decode import decode_image
+from service.engine.served_model import ServedModel
 from service.errors import BadRequestError
-from service.fitting import fit_state, split_calibration
-from service.images import ParsedBody, decode_image, read_body
-from service.routes.detectors import describe
-from service.runtime import ServedModel
+from service.states.fitting import fit_state, split_calibration
 
 router = APIRouter(prefix="/v1/models/{model}/detectors", tags=["detectors"])
 
@@ -64,11 +67,11 @@ def _options(body: ParsedBody, default_share: float) -> tuple[str, dict[str, Any
     return class_name, hparams, share
 
 
-def _fit(context: ServiceContext, model: ServedModel, name: str, body: ParsedBody) -> Any:
+def _fit(services: ApiServices, model: ServedModel, name: str, body: ParsedBody) -> ActiveDetector:
     labels = _labels(body)
-    class_name, hparams, share = _options(body, context.settings.fit_calibration_share)
+    class_name, hparams, share = _options(body, services.settings.fit_calibration_share)
     fit_index, cal_index = split_calibration(labels, share)
-    pixels = [model.preprocessor.pixels(decode_image(raw, context.settings.max_pixels)) for raw in body.images]
+    pixels = [model.preprocessor.pixels(decode_image(raw, services.settings.max_pixels)) for raw in body.images]
     data = fit_state(
         model,
         class_name,
@@ -77,15 +80,23 @@ def _fit(context: ServiceContext, model: ServedModel, name: str, body: ParsedBod
         labels[fit_index],
         model.forward_chunks([pixels[i] for i in cal_index.tolist()]),
     )
-    return context.install(model, name, data)
+    return services.states.install(model, name, data)
 
 
-@router.post("/{name}/fit")
-async def fit_detector(_: WriteAccess, model: Model, name: DetectorName, request: Request, context: Context):
+@router.post(
+    "/{name}/fit",
+    openapi_extra=FIT_BODY,
+    status_code=201,
+    response_model=DetectorInfo,
+    responses={**WRITTEN, **problem_responses(400, 401, 403, 404, 413, 415, 422, 503)},
+)
+async def fit_detector(
+    _: WriteAccess, model: Model, name: DetectorName, request: Request, services: Services
+) -> JSONResponse:
     """Multipart: ``files`` + ``labels`` (comma-separated or repeated) + ``detector_class`` + optional ``hparams``
     (JSON) and ``calibration_share``; or JSON ``{"detector_class", "hparams", "calibration_share",
     "instances": [{"b64", "label"}]}``. 201 when new, 200 when replacing; the state is then downloadable."""
-    body = await read_body(request, context.settings.max_fit_images)
+    body = await read_body(request, services.settings.max_fit_images)
     existed = name in model.detectors
-    active = await run_in_threadpool(_fit, context, model, name, body)
-    return JSONResponse(describe(active), status_code=200 if existed else 201)
+    active = await run_in_threadpool(_fit, services, model, name, body)
+    return written(active, existed)

@@ -1,39 +1,42 @@
-"""POST /v1/models/{model}/score: per image, the prediction and every selected detector's verdict."""
+"""POST /v1/models/{model}/score: per image, the prediction and every selected detector's verdict.
+
+decode -> submit -> shape: the verdicts come finished from the batch worker (:mod:`service.engine.verdicts`);
+this route only assembles them in request order.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.deps import Context, DetectorSelection, Model, ReadAccess, TargetTPR, Threshold
-from service.images import IMAGES_OPENAPI
-from service.inference import decode_request, require_task, resolve_detectors, run_items
-from service.scoring import check_threshold_params
+from service.api.bodies import read_body
+from service.api.deps import DetectorSelection, Model, ReadAccess, Services, TargetTPR, Threshold
+from service.api.problems import problem_responses
+from service.api.schemas import IMAGES_BODY, ScoreResponse
+from service.engine import submit
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
+SCORING_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 503, 504)
 
 
-@router.post("/score", openapi_extra=IMAGES_OPENAPI)
+@router.post("/score", openapi_extra=IMAGES_BODY, response_model=ScoreResponse, responses=SCORING_ERRORS)
 async def score(
     _: ReadAccess,
     model: Model,
     request: Request,
-    context: Context,
+    services: Services,
     selection: DetectorSelection,
     threshold: Threshold = None,
     tpr: TargetTPR = None,
 ) -> JSONResponse:
     """Images as multipart ``files`` or JSON ``{"instances": [{"b64": ...}]}``. Returns, in request order,
     ``{"prediction": {"index", "label", "probability"}, "detectors": {name: {"score", "threshold", "is_ood",
-    "p_value"}}}``; ``threshold`` is the one used (``?threshold=``, else the calibration's at ``?tpr=`` or 95%).
-
-    Verdicts and p-values are computed in the batch worker, vectorized per batch (``service.scoring``)."""
-    require_task(model, "classification", "/score")
-    check_threshold_params(threshold, tpr)
-    detectors = resolve_detectors(model, selection)
-    decoded = await decode_request(context, model, request)
-    results = await run_items(context, model, decoded, detectors, with_maps=False, threshold=threshold, tpr=tpr)
-    context.metrics.observe_verdicts(model.name, results)
+    "p_value", "version"}}}``; ``threshold`` is the one used (``?threshold=``, else the calibration's at ``?tpr=`` or
+    its target, 95%)."""
+    detectors = submit.resolve(model, "classification", "/score", selection, threshold, tpr)
+    body = await read_body(request, services.settings.max_images_per_request)
+    decoded = await submit.decode_images(model, body.images, services.settings.max_pixels)
+    results = await submit.submit(model, decoded, detectors, threshold, tpr)
     labels = model.labels
     per_image = [
         {"prediction": r.prediction(labels), "detectors": {a.name: r.verdicts[a.name] for a in detectors}}

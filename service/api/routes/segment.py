@@ -1,4 +1,8 @@
-"""POST /v1/models/{model}/segment: per image and detector, a per-pixel anomaly map at input resolution."""
+"""POST /v1/models/{model}/segment: per image and detector, a per-pixel anomaly map at input resolution.
+
+decode -> submit -> shape: thresholds, ``ood_share`` and ``max_score`` come finished from the batch worker
+(:mod:`service.engine.verdicts`); this route only encodes the maps and assembles the answer.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from torch import Tensor
 
-from service.deps import Context, DetectorSelection, Model, ReadAccess, TargetTPR, Threshold
-from service.images import IMAGES_OPENAPI
-from service.inference import decode_request, require_task, resolve_detectors, run_items
-from service.scoring import check_threshold_params, json_float, threshold_for
+from service.api.bodies import read_body
+from service.api.deps import DetectorSelection, Model, ReadAccess, Services, TargetTPR, Threshold
+from service.api.routes.score import SCORING_ERRORS
+from service.api.schemas import IMAGES_BODY, SegmentResponse
+from service.engine import submit
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
 MapFormat = Literal["png", "npy", "json"]
@@ -50,42 +55,29 @@ def encode_map(scores: Tensor, fmt: MapFormat) -> dict[str, Any]:
     return {"format": "png", "bits": 16, "min": low, "max": high, "data": base64.b64encode(buffer.getvalue()).decode()}
 
 
-@router.post("/segment", openapi_extra=IMAGES_OPENAPI)
+@router.post("/segment", openapi_extra=IMAGES_BODY, response_model=SegmentResponse, responses=SCORING_ERRORS)
 async def segment(
     _: ReadAccess,
     model: Model,
     request: Request,
-    context: Context,
+    services: Services,
     selection: DetectorSelection,
     threshold: Threshold = None,
     tpr: TargetTPR = None,
     format: MapFormat = Query("png", description="anomaly map encoding: png (16-bit), npy (float16) or json"),
 ) -> JSONResponse:
-    """Per image: ``{"height", "width", "detectors": {name: {"threshold", "ood_share", "max_score", "map"}}}``;
-    ``ood_share`` is the share of pixels with score above the threshold (``null`` without one)."""
-    require_task(model, "segmentation", "/segment")
-    check_threshold_params(threshold, tpr)
-    detectors = resolve_detectors(model, selection)
-    decoded = await decode_request(context, model, request)
-    results = await run_items(context, model, decoded, detectors, with_maps=True)
+    """Per image: ``{"height", "width", "detectors": {name: {"threshold", "ood_share", "max_score", "version",
+    "map"}}}``; ``ood_share`` is the share of pixels with score above the threshold (``null`` without one)."""
+    detectors = submit.resolve(model, "segmentation", "/segment", selection, threshold, tpr)
+    body = await read_body(request, services.settings.max_images_per_request)
+    decoded = await submit.decode_images(model, body.images, services.settings.max_pixels)
+    results = await submit.submit(model, decoded, detectors, threshold, tpr)
     out = []
     for (_pixels, (height, width)), result in zip(decoded, results, strict=True):
-        entry: dict[str, Any] = {"height": height, "width": width, "detectors": {}}
+        per_detector: dict[str, Any] = {}
         for active in detectors:
-            scores = result.maps[active.name]
-            used = threshold_for(active, threshold, tpr)
-            share = None if used is None else float((scores > used).float().mean())
-            max_score = float(scores.max())
-            # image-level verdict for the metrics: some pixel above the threshold
-            context.metrics.observe_score(
-                model.name, active.name, max_score, None if share is None else share > 0, None
-            )
-            entry["detectors"][active.name] = {
-                "threshold": used,
-                "ood_share": share,
-                "max_score": json_float(max_score),
-                "version": active.stored.version,
-                "map": encode_map(scores, format),
-            }
-        out.append(entry)
+            entry = dict(result.verdicts[active.name])
+            entry["map"] = encode_map(result.maps[active.name], format)
+            per_detector[active.name] = entry
+        out.append({"height": height, "width": width, "detectors": per_detector})
     return JSONResponse({"model": model.name, "results": out})

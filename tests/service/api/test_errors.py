@@ -169,13 +169,13 @@ def test_not_ready_before_start_up(module_settings: Settings) -> None:
 
 def test_every_service_and_batcher_error_has_a_status_in_the_one_table() -> None:
     from service import errors
-    from service.app import _status_table
-    from service.batcher import BatcherError
+    from service.api.problems import status_table
+    from service.engine.batcher import BatcherError
 
     def subclasses(cls: type) -> set[type]:
         return {c for s in cls.__subclasses__() for c in {s, *subclasses(s)}}
 
-    table = _status_table()
+    table = status_table()
     missing = {c.__name__ for c in subclasses(errors.ServiceError) | subclasses(BatcherError) if c not in table}
     assert not missing
     assert all(400 <= status < 600 for status, _ in table.values())
@@ -186,12 +186,13 @@ def test_unexpected_error_is_500_problem_json_without_internals(
 ) -> None:
     import httpx
 
-    from service.runtime import ServedModel
+    from service.api.routes import models
+    from service.engine.served_model import ServedModel
 
-    def broken(self: ServedModel) -> dict:
+    def broken(model: ServedModel) -> dict:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(ServedModel, "describe", broken)
+    monkeypatch.setattr(models, "model_info", broken)
 
     async def get() -> httpx.Response:
         transport = httpx.ASGITransport(app=app.app, raise_app_exceptions=False)

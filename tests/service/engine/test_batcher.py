@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, RequestTimeoutError
+from service.engine.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, RequestTimeoutError
 
 pytestmark = pytest.mark.timeout(60)
 

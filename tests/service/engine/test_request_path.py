@@ -1,10 +1,10 @@
 """The per-request path: verdicts computed per batch in the worker (mixing requests with different thresholds),
-request ids, and small images decoded on the event loop vs. large ones in the thread pool."""
+and small images decoded on the event loop vs. large ones in the thread pool."""
 
 from __future__ import annotations
 
 import asyncio
-import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,12 +13,12 @@ import torch
 
 from ood_core.calibration import Calibration
 from ood_core.detector import EnergyBased
-from service import inference
-from service.middleware import RequestIds
-from service.runtime import ActiveDetector
-from service.scoring import ScoreItem, process_batch, threshold_for
+from service.engine import submit
+from service.engine.active import ActiveDetector, StoredState
+from service.engine.items import ScoreItem
+from service.engine.scoring import process_batch
+from service.engine.verdicts import threshold_for
 from service.settings import Settings
-from service.store import StoredState
 from tests.service.conftest import AppRunner, digit_png, noise_png
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,19 +83,6 @@ def test_one_batch_gives_every_request_its_own_threshold_and_the_per_image_verdi
     assert batched[3].verdicts["plain"]["is_ood"] is True and batched[3].verdicts["plain"]["p_value"] is None
 
 
-def test_generated_request_ids_are_unique_hex_and_change_prefix_in_a_forked_child(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    ids = RequestIds()
-    many = [ids.next() for _ in range(5000)]
-    assert len(set(many)) == len(many)
-    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in many)
-    assert len({i[:16] for i in many}) == 1  # one prefix per process
-    monkeypatch.setattr("service.middleware.os.getpid", lambda: -42)  # as seen in a forked child
-    child = ids.next()
-    assert child[:16] != many[0][:16] and child not in many
-
-
 @pytest.fixture
 def app(make_settings: Callable[..., Settings]) -> Iterator[AppRunner]:
     runner = AppRunner(make_settings())
@@ -107,25 +94,26 @@ def test_small_images_decode_on_the_loop_large_ones_in_the_pool_with_the_same_an
     app: AppRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pooled: list[int] = []
-    real = inference.run_in_threadpool
+    real = submit._decode_all
 
-    async def counting(func: Any, *args: Any) -> Any:
-        pooled.append(len(args[1]))  # (model, raws, opened, max_pixels)
-        return await real(func, *args)
+    def counting(model: Any, raws: list[Any], *args: Any) -> Any:
+        if threading.current_thread().name.startswith("asyncio"):  # the event loop's default thread pool
+            pooled.append(len(raws))
+        return real(model, raws, *args)
 
-    monkeypatch.setattr(inference, "run_in_threadpool", counting)
+    monkeypatch.setattr(submit, "_decode_all", counting)
     files = [("files", (f"{i}.png", digit_png(i))) for i in range(2)]
     inline = app.post("/v1/models/digits/score", files=files)
     assert inline.status_code == 200 and pooled == []  # 2 x (32x32 + 32x32) pixels: on the loop
-    monkeypatch.setattr(inference, "INLINE_DECODE_PIXELS", 0)
+    monkeypatch.setattr(submit, "INLINE_DECODE_PIXELS", 0)
     in_pool = app.post("/v1/models/digits/score", files=files)
     assert in_pool.status_code == 200 and pooled == [2]
     assert in_pool.json() == inline.json()
-    monkeypatch.setattr(inference, "INLINE_DECODE_PIXELS", 8192)
+    monkeypatch.setattr(submit, "INLINE_DECODE_PIXELS", 8192)
     assert app.post("/v1/models/digits/score", files=[("files", ("big.png", noise_png(1, 128)))]).status_code == 200
     assert pooled == [2, 1]  # 128x128 is over the pixel budget
     big = noise_png(2, 300)
-    assert len(big) > inference.INLINE_DECODE_BYTES  # not even its header is read on the loop
+    assert len(big) > submit.INLINE_DECODE_BYTES  # not even its header is read on the loop
     assert app.post("/v1/models/digits/score", files=[("files", ("big.png", big))]).status_code == 200
     assert pooled == [2, 1, 1]
 

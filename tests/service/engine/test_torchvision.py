@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ood_core.detector import EnergyBased
 from ood_core.state import save_detector
-from service.runtime import ServedModel
+from service.engine.served_model import ServedModel
 from service.settings import load_settings
 from tests.service.conftest import API_KEY, AUTH, AppRunner, png_bytes
 
@@ -106,7 +106,7 @@ def test_grayscale_and_odd_sizes_are_converted(app: AppRunner) -> None:
 
 
 def test_missing_weights_file_is_reported(tmp_path: Path) -> None:
-    from service.networks import NetworkConfigError, build_network
+    from service.engine.networks import NetworkConfigError, build_network
     from service.settings import ModelConfig, NodesConfig
 
     config = ModelConfig(
@@ -138,7 +138,7 @@ def test_torchvision_segmentation_model(app: AppRunner) -> None:
 def test_readme_example_config_builds_resnet18_and_deeplabv3_resnet50(tmp_path: Path) -> None:
     """The YAML example in service/README.md, with random weights and a smaller input (for speed): every graph node
     and head it names exists, and one forward gives logits, features and feature maps."""
-    readme = (Path(__file__).resolve().parents[2] / "service" / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[3] / "service" / "README.md").read_text(encoding="utf-8")
     match = re.search(r"```yaml\n(.*?)```", readme, flags=re.S)
     assert match, "no yaml block in service/README.md"
     config = yaml.safe_load(match.group(1))

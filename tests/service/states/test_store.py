@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from service.store import ACTIVE, StateStore
+from service.errors import DetectorNotFoundError, InvalidNameError
+from service.states.store import ACTIVE, StateStore, sha256_hex
 
 
 def files(folder: Path) -> list[str]:
@@ -95,3 +96,24 @@ def test_processes_sharing_the_directory_get_distinct_growing_versions(tmp_path:
     info, data = StateStore(tmp_path).read("m", "d")
     assert info.version == 30 and data.decode().split("-")[1] == "14"  # the last write of its writer
     assert files(tmp_path / "m" / "d") == [ACTIVE, "v29.safetensors", "v30.safetensors"]
+
+
+def test_store_versions_sha_and_delete(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    first = store.put("m", "d", b"one", "EnergyBased")
+    second = store.put("m", "d", b"two", "EnergyBased")
+    third = store.put("m", "d", b"three", "EnergyBased")
+    assert (first.version, second.version, third.version) == (1, 2, 3)
+    assert sorted(p.name for p in (tmp_path / "m" / "d").glob("v*")) == ["v2.safetensors", "v3.safetensors"]
+    info, data = store.read("m", "d")
+    assert data == b"three" and info.sha256 == sha256_hex(b"three") and info.size_bytes == 5
+    assert [s.name for s in store.list_states("m")] == ["d"]
+    (tmp_path / "m" / "d" / "v3.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        store.read("m", "d")
+    store.delete("m", "d")
+    assert store.list_states("m") == [] and not (tmp_path / "m" / "d").exists()
+    with pytest.raises(DetectorNotFoundError):
+        store.delete("m", "d")
+    with pytest.raises(InvalidNameError):
+        store.put("m", "../escape", b"x", "EnergyBased")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from service.store import StateStore
-from service.sync import sync_once
+from service.states.store import StateStore
+from service.states.sync import sync_once
 from tests.service.conftest import AUTH, AppRunner, digit_png
 
 DETECTORS = "/v1/models/digits/detectors"
@@ -48,7 +48,7 @@ def test_an_upload_on_one_replica_is_served_by_the_other_after_a_sync(replicas: 
     assert first.put(f"{DETECTORS}/knn-copy", content=data, headers=AUTH).status_code == 201
     assert "knn-copy" not in _versions(second)
 
-    report = sync_once(second.context)
+    report = sync_once(second.context.states, second.context.catalog)
 
     assert report.loaded == [("digits", "knn-copy")] and not report.failed
     assert _versions(second)["knn-copy"] == 1
@@ -59,7 +59,7 @@ def test_an_upload_on_one_replica_is_served_by_the_other_after_a_sync(replicas: 
     assert scored.json()["results"][0]["detectors"]["knn-copy"]["score"] == pytest.approx(
         original["results"][0]["detectors"]["knn"]["score"]
     )
-    assert not sync_once(second.context).changed  # nothing new: nothing reloaded
+    assert not sync_once(second.context.states, second.context.catalog).changed  # nothing new: nothing reloaded
 
 
 def test_a_new_version_and_a_delete_reach_the_other_replica(replicas: tuple[AppRunner, AppRunner]) -> None:
@@ -68,7 +68,7 @@ def test_a_new_version_and_a_delete_reach_the_other_replica(replicas: tuple[AppR
     assert first.put(f"{DETECTORS}/mahalanobis", content=_state(first, "knn"), headers=AUTH).status_code == 200
     assert first.delete(f"{DETECTORS}/msp", headers=AUTH).status_code == 204
 
-    report = sync_once(second.context)
+    report = sync_once(second.context.states, second.context.catalog)
 
     assert report.loaded == [("digits", "mahalanobis")]
     assert report.removed == [("digits", "msp")]
@@ -87,12 +87,12 @@ def test_a_broken_stored_state_keeps_the_served_one(replicas: tuple[AppRunner, A
     folder = Path(first.context.settings.state_dir) / "digits" / "knn"
     newest = max(folder.glob("v*.safetensors"), key=lambda p: int(p.stem[1:]))
     newest.write_bytes(newest.read_bytes()[:-10])  # truncated on disk: its sha256 no longer matches
-    served = second.context.models["digits"].detectors["knn"]
+    served = second.context.catalog.models["digits"].detectors["knn"]
 
-    report = sync_once(second.context)
+    report = sync_once(second.context.states, second.context.catalog)
 
     assert report.failed == [("digits", "knn")] and not report.loaded
-    assert second.context.models["digits"].detectors["knn"] is served
+    assert second.context.catalog.models["digits"].detectors["knn"] is served
 
 
 def test_a_sync_never_undoes_a_concurrent_install(
@@ -100,19 +100,19 @@ def test_a_sync_never_undoes_a_concurrent_install(
 ) -> None:
     first, second = replicas
     assert first.put(f"{DETECTORS}/knn", content=_state(first, "mahalanobis"), headers=AUTH).status_code == 200
-    store = second.context.store
+    store = second.context.states.store
     stale_listing = store.list_states("digits")  # lists the first replica's upload
-    model = second.context.models["digits"]
+    model = second.context.catalog.models["digits"]
 
     def list_then_install(name: str) -> list:  # type: ignore[type-arg]
-        second.context.install(model, "knn", _state(second, "energy"))  # lands while the sync is under way
+        second.context.states.install(model, "knn", _state(second, "energy"))  # lands while the sync is under way
         return stale_listing
 
     monkeypatch.setattr(store, "list_states", list_then_install)
-    sync_once(second.context)
+    sync_once(second.context.states, second.context.catalog)
     monkeypatch.undo()
 
-    served = second.context.models["digits"].detectors["knn"]
+    served = second.context.catalog.models["digits"].detectors["knn"]
     assert served.stored.version == store.info("digits", "knn").version  # the newest install, not the stale one
     assert served.stored.detector_class == "EnergyBased"
 

@@ -1,0 +1,153 @@
+"""The ONE exception -> HTTP status table, the ``application/problem+json`` (RFC 9457) body, its handlers, and
+the OpenAPI declaration of the error answers a route can give.
+
+Library and service code raise exceptions (:mod:`service.errors`, the batcher's, ``ood_core``'s); nothing but this
+table decides their status (in the spirit of KServe's ``exception_handlers``). An unexpected exception is a 500
+whose body names neither its type nor its message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ood_core.api import InvalidStateError
+from service import errors
+from service.engine.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
+from service.logs import request_id_var
+
+logger = logging.getLogger("service.app")
+PROBLEM_JSON = "application/problem+json"
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def status_table() -> dict[type[Exception], tuple[int, str | None]]:
+    """Every library and service exception the routes may raise -> (HTTP status, problem title; ``None``: the
+    exception's own ``title``)."""
+    return {
+        errors.BadRequestError: (400, None),
+        errors.AuthenticationRequiredError: (401, None),
+        errors.ForbiddenError: (403, None),
+        errors.ModelNotFoundError: (404, None),
+        errors.DetectorNotFoundError: (404, None),
+        errors.PayloadTooLargeError: (413, None),
+        errors.TooManyImagesError: (413, None),
+        errors.ImageTooLargeError: (413, None),
+        errors.UnsupportedMediaTypeError: (415, None),
+        errors.InvalidNameError: (422, None),
+        errors.ImageDecodeError: (422, None),
+        errors.WrongTaskError: (422, None),
+        errors.UnservableDetectorError: (422, None),
+        InvalidStateError: (422, "Invalid detector state"),
+        RequestValidationError: (422, "Invalid request parameters"),
+        QueueFullError: (429, "Too many requests: batch queue full"),
+        errors.NotReadyError: (503, None),
+        BatcherClosedError: (503, "Service shutting down"),
+        RequestTimeoutError: (504, "Request timed out in the batch queue"),
+    }
+
+
+STATUS_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: a parameter or the body is malformed (the detail says which)",
+    401: "Authentication required: no `Authorization: Bearer <key>` header",
+    403: "Forbidden: the API key is not valid",
+    404: "Unknown model or detector",
+    413: "Payload too large: body, image count or image pixels over the limits",
+    415: "Unsupported media type",
+    422: "Invalid name, parameter, image or detector state (the detail says which)",
+    429: "Batch queue full: retry after `Retry-After` seconds",
+    500: "Internal server error (the body names neither the exception nor its message)",
+    503: "Not ready: warming up, start-up failed or shutting down (`Retry-After`)",
+    504: "The request was not processed before its deadline",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: each status answers a :class:`~service.api.schemas.Problem` body as
+    ``application/problem+json`` (500 is added to every route)."""
+    return {
+        status: {
+            "description": STATUS_DESCRIPTIONS[status],
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for status in sorted({*statuses, 500})
+    }
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    instance: str,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A problem+json response: ``{"type", "title", "status", "detail", "instance", "request_id"}``."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _detail(exc: Exception) -> str:
+    if isinstance(exc, RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return "; ".join(parts) or "invalid request"
+    return str(getattr(exc, "detail", None) or exc) or type(exc).__name__
+
+
+def _headers(exc: Exception) -> dict[str, str]:
+    headers = dict(getattr(exc, "headers", None) or {})
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(float(retry_after) + 0.499)))
+    return headers
+
+
+def _handler(status: int | None, fixed_title: str | None = None, outermost: bool = False) -> Handler:
+    """``status`` ``None``: the exception's own ``status_code`` (Starlette's HTTP errors) or 500. ``outermost``: the
+    handler of unexpected exceptions, which Starlette runs outside every middleware, so it adds the request id
+    header itself."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        code = status if status is not None else int(getattr(exc, "status_code", 500))
+        title = fixed_title or getattr(exc, "title", None) or type(exc).__name__
+        if status is None and isinstance(exc, StarletteHTTPException):
+            title = {404: "Not found", 405: "Method not allowed"}.get(code, "HTTP error")
+        unexpected = code >= 500 and status is None
+        if unexpected:
+            logger.error("unhandled error", exc_info=exc)
+            title = "Internal server error"  # neither the exception's type nor its message leave the server
+        request_id = request_id_var.get() or getattr(request.state, "request_id", None)
+        headers = _headers(exc)
+        if outermost and request_id:
+            headers["X-Request-ID"] = request_id
+        return problem_response(
+            code,
+            str(title),
+            "internal error" if unexpected else _detail(exc),
+            request.url.path,
+            request_id,
+            headers,
+        )
+
+    return handle
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the table's handlers, Starlette's HTTP errors (404/405 of unknown routes) and the catch-all."""
+    for exc_type, (status, title) in status_table().items():
+        app.add_exception_handler(exc_type, _handler(status, title))
+    app.add_exception_handler(StarletteHTTPException, _handler(None))
+    app.add_exception_handler(Exception, _handler(None, outermost=True))

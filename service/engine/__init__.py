@@ -1,0 +1,22 @@
+"""Everything that runs a model, with no web framework: the HTTP layer (:mod:`service.api`), the offline fit and
+the benchmarks all import it directly.
+
+Module map, in the order a request passes through:
+
+* :mod:`~service.engine.submit`: the one entry point of a scoring request: check the route's task, resolve the
+  requested detectors, decode the images (:mod:`~service.engine.decode`), submit them to the model's batcher and
+  wait for the finished results; also wires a model's batcher to :func:`~service.engine.scoring.process_batch`.
+* :mod:`~service.engine.decode`: encoded bytes -> Pillow image within the pixel limit (header checked first).
+* :mod:`~service.engine.preprocess`: the one preprocessing path (scoring and fitting): image -> ``uint8`` pixels
+  on the CPU, then ``(x / 255 - mean) / std`` on the device.
+* :mod:`~service.engine.batcher`: :class:`DynamicBatcher`, which collects the images of concurrent requests into
+  one call of the model in one worker thread.
+* :mod:`~service.engine.scoring`: what the worker runs per batch: one forward, each detector on the rows that asked
+  for it, verdicts (:mod:`~service.engine.verdicts`) and the score metrics, observed here and nowhere else.
+* :mod:`~service.engine.items`: what travels through the batcher (:class:`ScoreItem` in, :class:`ItemResult` out).
+* :mod:`~service.engine.served_model`: :class:`ServedModel` (network, feature extractor, preprocessing, active
+  detectors, batcher) built from a :class:`~service.settings.ModelConfig` by :mod:`~service.engine.networks`
+  (``torchvision.models.get_model`` or the demo zoo, weights from safetensors).
+* :mod:`~service.engine.active`: :class:`ActiveDetector`, a loaded detector and the stored version it came from.
+* :mod:`~service.engine.catalog`: :class:`ModelCatalog`, the served models by name and whether they are ready.
+"""

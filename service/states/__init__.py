@@ -1,0 +1,15 @@
+"""Detector states: on disk, validated against a model, installed, kept in step across replicas, fitted.
+
+Module map:
+
+* :mod:`~service.states.store`: :class:`StateStore`, versioned atomic files ``<state_dir>/<model>/<detector>/``
+  with a cross-process lock per detector.
+* :mod:`~service.states.validate`: load a safetensors state for a served model and check it (class, input kind,
+  dimensions, a smoke test on the warm-up outputs) before it can replace the active one.
+* :mod:`~service.states.manager`: :class:`StateManager`, which installs (validate, store, swap in), removes and
+  loads at start-up the detectors of a model; every change holds its write lock.
+* :mod:`~service.states.sync`: the periodic compare-and-swap sync with states that other replicas wrote.
+* :mod:`~service.states.fitting`: fit and calibrate a detector through the served model's own forward.
+
+No module here imports :mod:`service.api`, FastAPI or Starlette (``make lint`` checks it).
+"""

@@ -1,0 +1,59 @@
+"""Install, remove and load the detectors a model serves: validated, stored, then swapped in.
+
+Every change of a model's detectors (an install, a delete, a sync's swap) holds :attr:`StateManager.write_lock`;
+the detector dict is replaced as a whole (copy-on-write), so a request that resolved its detectors keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from service.engine.active import ActiveDetector
+from service.engine.served_model import ServedModel
+from service.settings import check_name
+from service.states.store import StateStore
+from service.states.validate import build_detector
+
+logger = logging.getLogger("service.states")
+
+
+class StateManager:
+    """The state store of the service and the one lock over every detector change."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.store = StateStore(state_dir)
+        self.write_lock = threading.Lock()
+        """Held by every change of a model's detectors: installs, deletes and the sync's swaps."""
+
+    def install(self, model: ServedModel, name: str, data: bytes) -> ActiveDetector:
+        """Validate ``data`` against ``model``, store it, then swap it in (blocking: call in a thread)."""
+        check_name("detector", name)
+        detector = build_detector(model, data)  # raises before anything changes
+        with self.write_lock:
+            stored = self.store.put(model.name, name, data, type(detector).__name__)
+            active = ActiveDetector(name=name, detector=detector, stored=stored)
+            model.detectors = {**model.detectors, name: active}
+        logger.info("detector installed", extra={"model": model.name, "detector": name, "version": stored.version})
+        return active
+
+    def remove(self, model: ServedModel, name: str) -> None:
+        """Delete the stored state and stop serving it (blocking)."""
+        check_name("detector", name)
+        with self.write_lock:
+            self.store.delete(model.name, name)
+            model.detectors = {k: v for k, v in model.detectors.items() if k != name}
+        logger.info("detector deleted", extra={"model": model.name, "detector": name})
+
+    def load_stored(self, model: ServedModel) -> None:
+        """Serve every state stored for ``model`` (start-up); one that fails to load is logged and skipped."""
+        for stored in self.store.list_states(model.name):
+            try:
+                info, data = self.store.read(model.name, stored.name)
+                active = ActiveDetector(name=stored.name, detector=build_detector(model, data), stored=info)
+            except Exception:
+                logger.exception("cannot load stored state", extra={"model": model.name, "detector": stored.name})
+                continue
+            with self.write_lock:
+                model.detectors = {**model.detectors, stored.name: active}
