@@ -101,6 +101,28 @@ class AppRunner:
         self._thread.join(10)
 
 
+class NoLifespanClient:
+    """Requests to an app whose lifespan never runs (start-up never begins: the service stays warming up),
+    through httpx's ``ASGITransport``, one event loop per call."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(send())
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def demo_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo detector states fitted once (the first app start writes them; later starts only load)."""
