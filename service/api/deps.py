@@ -88,3 +88,21 @@ async def parse_detectors(
 DetectorSelection = Annotated[list[str] | None, Depends(parse_detectors)]
 Threshold = Annotated[float | None, Query(description="absolute threshold for every detector (overrides tpr)")]
 TargetTPR = Annotated[float | None, Query(gt=0.0, le=1.0, description="ID true-positive rate for the threshold")]
+
+
+@dataclass(frozen=True)
+class ScoringQuery:
+    """The query parameters of ``/score`` and ``/segment``."""
+
+    detectors: list[str] | None
+    threshold: float | None
+    tpr: float | None
+
+
+async def scoring_query(
+    selection: DetectorSelection, threshold: Threshold = None, tpr: TargetTPR = None
+) -> ScoringQuery:
+    return ScoringQuery(selection, threshold, tpr)
+
+
+Scoring = Annotated[ScoringQuery, Depends(scoring_query)]

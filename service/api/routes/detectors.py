@@ -21,6 +21,7 @@ STATE_MEDIA_TYPE = "application/octet-stream"
 WRITTEN: dict[int | str, dict[str, Any]] = {
     200: {"model": DetectorInfo, "description": "Replaced the active state of that name"},
     201: {"model": DetectorInfo, "description": "Created a new detector"},
+    **problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
 }
 """Answers of a write that installs a state (upload, fit)."""
 
@@ -73,7 +74,7 @@ async def _state_bytes(request: Request) -> bytes:
     openapi_extra=STATE_BODY,
     status_code=201,
     response_model=DetectorInfo,
-    responses={**WRITTEN, **problem_responses(400, 401, 403, 404, 413, 415, 422, 503)},
+    responses=WRITTEN,
 )
 async def upload_detector(
     _: WriteAccess, model: Model, name: DetectorName, request: Request, services: Services

@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import ParsedBody, read_body
 from service.api.deps import ApiServices, DetectorName, Model, Services, WriteAccess
-from service.api.problems import problem_responses
 from service.api.routes.detectors import WRITTEN, written
 from service.api.schemas import FIT_BODY, DetectorInfo
 from service.engine.active import ActiveDetector
@@ -88,7 +87,7 @@ def _fit(services: ApiServices, model: ServedModel, name: str, body: ParsedBody)
     openapi_extra=FIT_BODY,
     status_code=201,
     response_model=DetectorInfo,
-    responses={**WRITTEN, **problem_responses(400, 401, 403, 404, 413, 415, 422, 503)},
+    responses=WRITTEN,
 )
 async def fit_detector(
     _: WriteAccess, model: Model, name: DetectorName, request: Request, services: Services

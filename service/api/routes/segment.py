@@ -16,11 +16,9 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from torch import Tensor
 
-from service.api.bodies import read_body
-from service.api.deps import DetectorSelection, Model, ReadAccess, Services, TargetTPR, Threshold
-from service.api.routes.score import SCORING_ERRORS
+from service.api.deps import Model, ReadAccess, Scoring, Services
+from service.api.routes.score import SCORING_ERRORS, decode_and_submit
 from service.api.schemas import IMAGES_BODY, SegmentResponse
-from service.engine import submit
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
 MapFormat = Literal["png", "npy", "json"]
@@ -61,17 +59,12 @@ async def segment(
     model: Model,
     request: Request,
     services: Services,
-    selection: DetectorSelection,
-    threshold: Threshold = None,
-    tpr: TargetTPR = None,
+    query: Scoring,
     format: MapFormat = Query("png", description="anomaly map encoding: png (16-bit), npy (float16) or json"),
 ) -> JSONResponse:
     """Per image: ``{"height", "width", "detectors": {name: {"threshold", "ood_share", "max_score", "version",
     "map"}}}``; ``ood_share`` is the share of pixels with score above the threshold (``null`` without one)."""
-    detectors = submit.resolve(model, "segmentation", "/segment", selection, threshold, tpr)
-    body = await read_body(request, services.settings.max_images_per_request)
-    decoded = await submit.decode_images(model, body.images, services.settings.max_pixels)
-    results = await submit.submit(model, decoded, detectors, threshold, tpr)
+    detectors, decoded, results = await decode_and_submit(model, request, services, query, "segmentation", "/segment")
     out = []
     for (_pixels, (height, width)), result in zip(decoded, results, strict=True):
         per_detector: dict[str, Any] = {}
