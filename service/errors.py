@@ -66,6 +66,38 @@ class UnservableDetectorError(ServiceError):
     title = "Detector cannot be served"
 
 
+class InsufficientStorageError(ServiceError):
+    """The state volume is full (ENOSPC / EDQUOT): nothing was changed, nothing left behind."""
+
+    title = "Insufficient storage"
+
+
+class TooManyFailedAuthenticationsError(ServiceError):
+    """Too many requests with a missing or wrong API key from one client address."""
+
+    title = "Too many failed authentications"
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutReadingBodyError(ServiceError):
+    """The client did not send its body in time."""
+
+    title = "Request timeout"
+
+
+class HeadersTooLargeError(ServiceError):
+    title = "Request header fields too large"
+
+
+class ResponseTooLargeError(ServiceError):
+    """The answer would exceed the response size budget (e.g. too many or too large segmentation maps)."""
+
+    title = "Response too large"
+
+
 class AuthenticationRequiredError(ServiceError):
     title = "Authentication required"
 

@@ -37,7 +37,9 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
         errors.ForbiddenError: (403, None),
         errors.ModelNotFoundError: (404, None),
         errors.DetectorNotFoundError: (404, None),
+        errors.RequestTimeoutReadingBodyError: (408, None),
         errors.PayloadTooLargeError: (413, None),
+        errors.ResponseTooLargeError: (413, None),
         errors.TooManyImagesError: (413, None),
         errors.ImageTooLargeError: (413, None),
         errors.UnsupportedMediaTypeError: (415, None),
@@ -48,9 +50,12 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
         InvalidStateError: (422, "Invalid detector state"),
         RequestValidationError: (422, "Invalid request parameters"),
         QueueFullError: (429, "Too many requests: batch queue full"),
+        errors.TooManyFailedAuthenticationsError: (429, None),
+        errors.HeadersTooLargeError: (431, None),
         errors.NotReadyError: (503, None),
         BatcherClosedError: (503, "Service shutting down"),
         RequestTimeoutError: (504, "Request timed out in the batch queue"),
+        errors.InsufficientStorageError: (507, None),
     }
 
 
@@ -59,13 +64,16 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
     401: "Authentication required: no `Authorization: Bearer <key>` header",
     403: "Forbidden: the API key is not valid",
     404: "Unknown model or detector",
+    408: "The request body did not arrive in time",
     413: "Payload too large: body, image count or image pixels over the limits",
     415: "Unsupported media type",
     422: "Invalid name, parameter, image or detector state (the detail says which)",
-    429: "Batch queue full: retry after `Retry-After` seconds",
+    429: "Batch queue full, or too many failed authentications from this address: retry after `Retry-After` s",
+    431: "Request header fields too large or too many",
     500: "Internal server error (the body names neither the exception nor its message)",
     503: "Not ready: warming up, start-up failed or shutting down (`Retry-After`)",
     504: "The request was not processed before its deadline",
+    507: "The state volume is full: nothing was changed",
 }
 
 
