@@ -172,6 +172,10 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=64, gt=0)
     max_pixels: int = Field(default=25_000_000, gt=0)
     """Refuse an image whose header announces more pixels than this, before decoding it."""
+    max_map_pixels: int = Field(default=2048 * 2048, gt=0)
+    """Pixels of one segmentation map in an answer (``?size=``; the default size is the model's input size)."""
+    max_response_mb: float = Field(default=64.0, gt=0)
+    """Estimated size of one ``/segment`` answer, refused with 413 before any work when over."""
     max_fit_images: int = Field(default=5000, gt=0)
     """Images per ``/fit`` request."""
     fit_calibration_share: float = Field(default=0.2, gt=0, lt=1)
@@ -211,6 +215,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_response_bytes(self) -> int:
+        return int(self.max_response_mb * 1024 * 1024)
 
     @property
     def max_state_bytes(self) -> int:

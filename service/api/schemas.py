@@ -91,7 +91,12 @@ class ScoreResponse(BaseModel):
     results: list[ImageScore] = Field(description="one per image, in request order")
 
 
-class PngMap(BaseModel):
+class MapShape(BaseModel):
+    height: int = Field(description="rows of the map (?size=: the model's input size by default)")
+    width: int
+
+
+class PngMap(MapShape):
     """16-bit grayscale PNG, base64: ``score = min + level / 65535 * (max - min)``."""
 
     format: Literal["png"]
@@ -101,7 +106,7 @@ class PngMap(BaseModel):
     data: str
 
 
-class NpyMap(BaseModel):
+class NpyMap(MapShape):
     """float16 ``.npy`` array (rows x columns), base64."""
 
     format: Literal["npy"]
@@ -109,7 +114,7 @@ class NpyMap(BaseModel):
     data: str
 
 
-class JsonMap(BaseModel):
+class JsonMap(MapShape):
     """Nested lists (rows); non-finite scores are null."""
 
     format: Literal["json"]

@@ -8,13 +8,14 @@ from typing import Any
 from torch import Tensor
 
 from service.engine.active import ActiveDetector
+from service.engine.maps import MapFormat
 
 
 @dataclass(frozen=True, eq=False)
 class ScoreItem:
     """One image to score: preprocessed pixels, the detectors its request resolved, (segmentation) the size to
-    give the score maps, the request's ``?threshold=`` / ``?tpr=``, and whether its scores go into the metrics
-    (``record``: false for the warm-up batch)."""
+    give the score maps and their encoding (``None``: the worker keeps the tensors), the request's
+    ``?threshold=`` / ``?tpr=``, and whether its scores go into the metrics (``record``: false for the warm-up)."""
 
     pixels: Tensor
     detectors: tuple[ActiveDetector, ...]
@@ -22,6 +23,7 @@ class ScoreItem:
     threshold: float | None = None
     tpr: float | None = None
     record: bool = True
+    map_format: MapFormat | None = None
 
 
 @dataclass
@@ -30,8 +32,9 @@ class ItemResult:
 
     ``verdicts``: per detector the finished response entry. Classification: ``{"score", "threshold", "is_ood",
     "p_value", "version"}`` (``score`` is ``null`` when not finite; ``scores`` keeps the real value).
-    Segmentation: ``{"threshold", "ood_share", "max_score", "version"}``, with the per-pixel scores at
-    ``map_size`` (CPU float32) in ``maps``; ``scores`` holds the per-image maximum."""
+    Segmentation: ``{"threshold", "ood_share", "max_score", "version", "map"}`` with the encoded map when the item
+    asked for an encoding, else the per-pixel scores at ``map_size`` (CPU float32) are in ``maps``; ``scores``
+    holds the per-image maximum."""
 
     class_index: int | None = None
     probability: float | None = None

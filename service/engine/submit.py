@@ -25,6 +25,7 @@ from service.engine.active import ActiveDetector
 from service.engine.batcher import BatchObserver, DynamicBatcher
 from service.engine.decode import RawImage, load_image, open_image
 from service.engine.items import ItemResult, ScoreItem
+from service.engine.maps import MapFormat
 from service.engine.scoring import ScoreObserver, process_batch
 from service.engine.served_model import ServedModel
 from service.engine.verdicts import check_threshold_params
@@ -119,11 +120,20 @@ async def submit(
     detectors: tuple[ActiveDetector, ...],
     threshold: float | None = None,
     tpr: float | None = None,
+    map_format: MapFormat | None = None,
+    map_sizes: list[tuple[int, int]] | None = None,
 ) -> list[ItemResult]:
-    """Submit the images to the model's batcher; finished results in request order (segmentation maps at each
-    image's original size)."""
+    """Submit the images to the model's batcher; finished results in request order. Segmentation: maps at
+    ``map_sizes`` (default: the model's input size), encoded as ``map_format`` by the worker (``None``: tensors)."""
     if model.batcher is None:
         raise RuntimeError(f"model {model.name!r} has no batcher: attach_batcher() was not called")
-    with_maps = model.task == "segmentation"
-    items = [ScoreItem(pixels, detectors, size if with_maps else None, threshold, tpr) for pixels, size in decoded]
+    if model.task != "segmentation":
+        items = [ScoreItem(pixels, detectors, None, threshold, tpr) for pixels, _ in decoded]
+    else:
+        height, width = model.config.input_size
+        sizes = map_sizes or [(height, width)] * len(decoded)
+        items = [
+            ScoreItem(pixels, detectors, (int(size[0]), int(size[1])), threshold, tpr, map_format=map_format)
+            for (pixels, _), size in zip(decoded, sizes, strict=True)
+        ]
     return await model.batcher.submit(items)

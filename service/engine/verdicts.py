@@ -20,6 +20,7 @@ from torch import Tensor
 
 from service.engine.active import ActiveDetector
 from service.engine.items import ItemResult, ScoreItem
+from service.engine.maps import encode_map
 from service.errors import BadRequestError
 
 
@@ -83,18 +84,23 @@ def classification_verdicts(
 def segmentation_verdicts(
     active: ActiveDetector, items: list[ScoreItem], results: list[ItemResult], maps: list[Tensor]
 ) -> None:
-    """Fill ``maps``, ``scores`` (per-image maximum) and ``verdicts`` of ``results`` for ``active`` from the
-    per-pixel ``maps`` (already at each item's ``map_size``)."""
+    """Fill ``scores`` (per-image maximum) and ``verdicts`` of ``results`` for ``active`` from the per-pixel
+    ``maps`` (already at each item's ``map_size``): the encoded map goes into the verdict when the item names an
+    encoding, else the tensor into ``maps``."""
     name, version = active.name, active.stored.version
     for item, result, scores in zip(items, results, maps, strict=True):
         used = threshold_for(active, item.threshold, item.tpr)
         share = None if used is None else float((scores > used).float().mean())
         max_score = float(scores.max())
-        result.maps[name] = scores
         result.scores[name] = max_score
-        result.verdicts[name] = {
+        verdict: dict[str, object] = {
             "threshold": used,
             "ood_share": share,
             "max_score": json_float(max_score),
             "version": version,
         }
+        if item.map_format is None:
+            result.maps[name] = scores
+        else:
+            verdict["map"] = encode_map(scores, item.map_format)
+        result.verdicts[name] = verdict

@@ -18,6 +18,7 @@ from service.api.schemas import IMAGES_BODY, ScoreResponse
 from service.engine import submit
 from service.engine.active import ActiveDetector
 from service.engine.items import ItemResult
+from service.engine.maps import MapFormat, MapSize, map_sizes
 from service.engine.served_model import ServedModel
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
@@ -31,14 +32,34 @@ class Scored(NamedTuple):
 
 
 async def decode_and_submit(
-    model: ServedModel, request: Request, services: ApiServices, query: ScoringQuery, task: str, route: str
+    model: ServedModel,
+    request: Request,
+    services: ApiServices,
+    query: ScoringQuery,
+    task: str,
+    route: str,
+    maps: tuple[MapFormat, MapSize] | None = None,
 ) -> Scored:
     """What ``/score`` and ``/segment`` share: resolve (task, thresholds, detectors) -> read the body -> decode ->
-    submit; the results come back finished from the batch worker."""
+    (segmentation: size the maps within the limits) -> submit; the results come back finished from the worker."""
+    settings = services.settings
     detectors = submit.resolve(model, task, route, query.detectors, query.threshold, query.tpr)
-    body = await read_body(request, services.settings.max_images_per_request)
-    decoded = await submit.decode_images(model, body.images, services.settings.max_pixels)
-    results = await submit.submit(model, decoded, detectors, query.threshold, query.tpr)
+    body = await read_body(request, settings.max_images_per_request)
+    decoded = await submit.decode_images(model, body.images, settings.max_pixels)
+    if maps is None:
+        results = await submit.submit(model, decoded, detectors, query.threshold, query.tpr)
+        return Scored(detectors, decoded, results)
+    fmt, spec = maps
+    sizes = map_sizes(
+        spec,
+        model.config.input_size,
+        [original for _, original in decoded],
+        len(detectors),
+        fmt,
+        settings.max_map_pixels,
+        settings.max_response_bytes,
+    )
+    results = await submit.submit(model, decoded, detectors, query.threshold, query.tpr, fmt, sizes)
     return Scored(detectors, decoded, results)
 
 

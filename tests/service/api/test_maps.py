@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.api.routes.segment import encode_map
+from service.engine.maps import encode_map
 
 
 def test_png_map_round_trips_within_one_level() -> None:

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import numpy as np
@@ -152,7 +152,7 @@ def test_bad_score_parameters(app: AppRunner, query: str, status: int) -> None:
     assert response.json()["detail"]
 
 
-def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> None:
+def test_segment_maps_at_the_image_resolution_on_request_in_every_format(app: AppRunner) -> None:
     image = np.zeros((48, 40), dtype=np.uint8)
     image[8:40, 4:36] = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
     buffer = io.BytesIO()
@@ -160,12 +160,13 @@ def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> Non
     files = [("files", ("m.png", buffer.getvalue()))]
     maps = {}
     for fmt in ("json", "npy", "png"):
-        response = app.post(f"/v1/models/digits-seg/segment?format={fmt}&detectors=energy", files=files)
+        response = app.post(f"/v1/models/digits-seg/segment?format={fmt}&detectors=energy&size=original", files=files)
         assert response.status_code == 200, response.text
         result = response.json()["results"][0]
         assert (result["height"], result["width"]) == (48, 40)
         energy = result["detectors"]["energy"]
         encoded = energy["map"]
+        assert (encoded["height"], encoded["width"]) == (48, 40)
         if fmt == "json":
             maps[fmt] = np.asarray(encoded["data"], dtype=np.float32)
         elif fmt == "npy":
@@ -186,6 +187,36 @@ def test_segment_maps_at_input_resolution_in_every_format(app: AppRunner) -> Non
     span = float(maps["json"].max() - maps["json"].min())
     assert np.abs(maps["npy"] - maps["json"]).max() < 0.01 * max(span, 1.0)
     assert np.abs(maps["png"] - maps["json"]).max() < 1e-3 * max(span, 1.0)
+
+
+def test_segment_maps_are_bounded_by_default_and_sized_on_request(app: AppRunner) -> None:
+    """Default: the model's input size (64x64), whatever the image's size; ``?size=HxW`` within the limits."""
+    wide = [("files", ("wide.png", noise_png(6, size=300)))]
+    url = "/v1/models/digits-seg/segment?format=npy&detectors=energy"
+    default = app.post(url, files=wide).json()["results"][0]
+    assert (default["height"], default["width"]) == (300, 300)
+    encoded = default["detectors"]["energy"]["map"]
+    array = np.load(io.BytesIO(base64.b64decode(encoded["data"])), allow_pickle=False)
+    assert array.shape == (encoded["height"], encoded["width"]) == (64, 64)
+    sized = app.post(url + "&size=32x96", files=wide).json()["results"][0]["detectors"]["energy"]["map"]
+    assert (sized["height"], sized["width"]) == (32, 96)
+    too_many = app.post(url + "&size=4096x4096", files=wide)
+    assert too_many.status_code == 413 and "smaller ?size=" in too_many.json()["detail"]
+    assert app.post(url + "&size=0x5", files=wide).status_code == 422
+
+
+def test_segment_answer_over_the_response_budget_is_refused_before_any_work(
+    make_settings: Callable[..., Settings],
+) -> None:
+    runner = AppRunner(make_settings(max_response_mb=0.05))
+    try:
+        files = [("files", (f"{i}.png", noise_png(i, size=64))) for i in range(3)]
+        url = "/v1/models/digits-seg/segment?size=original"
+        json_maps = runner.post(url + "&format=json", files=files)  # 3 x 3 detectors x 4096 px x 24 B ~ 0.84 MiB
+        assert json_maps.status_code == 413 and "response limit" in json_maps.json()["detail"]
+        assert runner.post(url + "&format=png&detectors=energy", files=files).status_code == 200  # ~32 KiB
+    finally:
+        runner.close()
 
 
 def test_segment_threshold_and_tpr_overrides(app: AppRunner) -> None:
