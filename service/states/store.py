@@ -1,39 +1,67 @@
 """Detector states on disk: ``<state_dir>/<model>/<detector>/v<N>.safetensors`` plus ``active.json``.
 
-A write stores the new version atomically (temporary file, fsync, rename) and then atomically replaces
-``active.json`` (the commit point), then fsyncs the folder so the renames survive a power cut. The previously
-active version's file is kept (``v<N-1>``); older ones are removed. ``active.json`` records the version, sha256,
-size, detector class and upload time; loading checks the sha256. A write that fails at any step leaves the
-previous ``active.json`` and its file untouched.
+A write streams the state into an upload file ``<state_dir>/.uploads/.upload-XXXX.tmp`` (the states' file system)
+and fsyncs it; then, holding the detector's lock, renames it into place as the next version, fsyncs the folder
+and atomically replaces ``active.json`` (temporary file, fsync, rename: the commit point), then fsyncs the folder
+again so the renames survive a power cut. The previously active version's file is kept (the highest version below
+the active one); older ones are removed. ``active.json`` records the version, sha256, size, detector class and
+upload time; loading checks the sha256. :meth:`StateStore.put` (bytes) and :meth:`StateStore.put_file` (a
+finished :meth:`StateStore.upload`, hashed in chunks: memory does not grow with the state) share that commit.
 
-Several replicas may share ``root`` (a ReadWriteMany volume): every write and delete of a detector holds an
-exclusive ``flock`` on ``<model>/.<detector>.lock`` (besides this process's lock), so versions only grow, a
-version file is never overwritten and the cleanup never removes a version another replica is writing.
+A write that fails at any step leaves the previous ``active.json`` and its file untouched and removes what it
+made: its upload file, its version file, a detector folder (with lock file and model folder) it created. A full
+volume (``ENOSPC``, ``EDQUOT``) raises :class:`~service.errors.InsufficientStorageError` (HTTP 507); other
+``OSError`` s propagate. What a killed write leaves behind, :meth:`StateStore.cleanup` removes
+(:mod:`service.states.cleanup`); it runs at start-up and, for the folder written, after every write.
+
+Several replicas may share ``root`` (a ReadWriteMany volume): every write, delete and cleanup of a detector holds
+an exclusive ``flock`` on ``<model>/.<detector>.lock`` (besides this process's lock), so versions only grow, a
+version file is never overwritten and a cleanup never touches a write in progress. A delete removes the lock file
+with its detector: whoever acquires a lock checks that ``.<detector>.lock`` still names the file it locked, and
+otherwise locks again. An upload holds an exclusive ``flock`` on its own file until it is consumed or removed.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
-import re
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 
 from ood_core.state import write_atomic
 from service.engine.active import StoredState
-from service.errors import DetectorNotFoundError
+from service.errors import DetectorNotFoundError, InsufficientStorageError
 from service.settings import check_name, is_valid_name
+from service.states.cleanup import (
+    ACTIVE,
+    TRASH_PREFIX,
+    UPLOADS,
+    CleanupReport,
+    HeldLock,
+    Upload,
+    active_version,
+    clean_detector_folder,
+    clean_root,
+    clean_trash,
+    close_upload,
+    open_upload,
+    same_file,
+    versions,
+)
 
-ACTIVE = "active.json"
-_VERSION_FILE = re.compile(r"^v(\d+)\.safetensors$")
-__all__ = ["ACTIVE", "StateStore", "StoredState", "check_name", "fsync_dir", "sha256_hex"]
+__all__ = ["ACTIVE", "CleanupReport", "StateStore", "StoredState", "Upload", "check_name", "fsync_dir", "sha256_hex"]
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_CHUNK = 1 << 20
+logger = logging.getLogger("service.states")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -54,12 +82,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _no_space(what: str) -> InsufficientStorageError:
+    return InsufficientStorageError(f"not enough storage for {what}: the state volume is full")
+
+
 class StateStore:
     """Versioned, atomically written detector states of every model under ``root``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+        self._live: dict[Path, Upload] = {}
 
     def _dir(self, model: str, name: str) -> Path:
         return self.root / check_name("model", model) / check_name("detector", name)
@@ -100,64 +133,181 @@ class StateStore:
             return info, data
         raise AssertionError("unreachable")
 
-    def _versions(self, folder: Path) -> list[int]:
-        found = (_VERSION_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else iter(())
-        return sorted(int(m.group(1)) for m in found if m)
+    @contextmanager
+    def _locked(self, model: str, name: str) -> Iterator[HeldLock]:
+        """Exclusive over this process and every other one writing the same detector under ``root``.
 
-    def _active_version(self, folder: Path) -> int | None:
-        try:
-            return int(json.loads((folder / ACTIVE).read_text(encoding="utf-8"))["version"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        A holder may remove the lock file (``held.drop``: a delete, a failed first write, a cleanup); a waiter that
+        then gets the lock of the removed file sees that the path names another file (or none) and locks again. A
+        model folder created here is removed again when the lock file is dropped, if it is empty."""
+        base = self.root / check_name("model", model)
+        held = HeldLock(base / f".{check_name('detector', name)}.lock")
+        with self._lock:
+            created = False
+            while True:
+                try:
+                    base.mkdir(parents=True)
+                    created = True
+                except FileExistsError:
+                    pass
+                try:
+                    handle = open(held.lock_file, "a+b")  # noqa: SIM115 (closed below or when released)
+                except FileNotFoundError:
+                    continue  # the model folder was just removed (a failed first write): create it again
+                except BaseException:
+                    if created:
+                        with suppress(OSError):
+                            base.rmdir()
+                    raise
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                    if same_file(handle.fileno(), held.lock_file):
+                        break
+                except BaseException:
+                    handle.close()
+                    raise
+                handle.close()  # we locked a removed lock file: lock the one there now
+            try:
+                yield held
+            finally:
+                try:
+                    if held.drop:
+                        held.lock_file.unlink(missing_ok=True)
+                finally:
+                    handle.close()  # releases the flock
+                if held.drop and created:
+                    with suppress(OSError):
+                        base.rmdir()
 
     @contextmanager
-    def _locked(self, model: str, name: str) -> Iterator[None]:
-        """Exclusive over this process and every other one writing the same detector under ``root``."""
-        base = self.root / check_name("model", model)
-        base.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(base / f".{check_name('detector', name)}.lock", "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    def upload(self) -> Iterator[Upload]:
+        """A new upload file under ``<root>/.uploads/``, locked (``flock``) until the context ends and removed then
+        unless :meth:`put_file` consumed it. A full volume raises ``InsufficientStorageError``."""
+        try:
+            (self.root / UPLOADS).mkdir(parents=True, exist_ok=True)
+            upload = open_upload(self.root / UPLOADS)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space("the upload") from exc
+            raise
+        self._live[upload.path] = upload
+        try:
+            yield upload
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space("the upload") from exc
+            raise
+        finally:
+            self._live.pop(upload.path, None)
+            close_upload(upload)
 
     def put(self, model: str, name: str, data: bytes, detector_class: str) -> StoredState:
         """Store ``data`` as the next version and make it active; keep the previously active version."""
+        self._dir(model, name)  # an invalid name fails before anything is written
+        with self.upload() as upload:
+            upload.file.write(data)
+            return self.put_file(model, name, upload.path, detector_class)
+
+    def put_file(self, model: str, name: str, path: Path, detector_class: str) -> StoredState:
+        """Make the upload file ``path`` (of :meth:`upload`) the next version, active; keep the previous one.
+
+        The file is flushed and closed (an upload of this store), fsynced and hashed in chunks, then renamed into
+        place under the detector's lock: consumed on success, left to its upload context on failure."""
         folder = self._dir(model, name)
-        with self._locked(model, name):
-            created = not folder.is_dir()
-            folder.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        if path.parent.resolve() != (self.root / UPLOADS).resolve():
+            raise ValueError("put_file takes the path of an upload from StateStore.upload()")
+        try:
+            digest, size = self._sync_and_hash(path)
+            with self._locked(model, name) as held:
+                return self._commit(held, folder, path, digest, size, detector_class)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(f"detector {name!r} of model {model!r}") from exc
+            raise
+
+    def _sync_and_hash(self, path: Path) -> tuple[str, int]:
+        with open(path, "rb") as handle:
+            # the upload by file, not by name: a relative or differently spelled path must not skip its flush
+            live = next((u for u in list(self._live.values()) if same_file(u.lock_fd, path)), None)
+            if live is not None:
+                if not live.file.closed:
+                    live.file.flush()
+                    live.file.close()  # a later write fails instead of reaching the committed version
+                os.fsync(live.lock_fd)  # the descriptor the data was written through: it sees writeback errors
+            else:
+                os.fsync(handle.fileno())
+            digest, size = hashlib.sha256(), 0
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return digest.hexdigest(), size
+
+    def _commit(self, held: HeldLock, folder: Path, path: Path, digest: str, size: int, cls: str) -> StoredState:
+        """Rename ``path`` into place as the next version, then commit it by ``active.json`` (lock held)."""
+        created = not folder.is_dir()
+        target: Path | None = None
+        try:
             if created:
+                folder.mkdir()
                 fsync_dir(folder.parent)
-                fsync_dir(folder.parent.parent)
-            previous = self._active_version(folder)
-            version = max(self._versions(folder), default=0) + 1
-            write_atomic(folder / f"v{version}.safetensors", data)
+                fsync_dir(self.root)
+            previous = active_version(folder)
+            if previous is not None or not (folder / ACTIVE).exists():
+                for old in versions(folder):  # renamed into place by writes that never committed
+                    if previous is None or old > previous:
+                        (folder / f"v{old}.safetensors").unlink()
+            target = folder / f"v{max(versions(folder), default=0) + 1}.safetensors"
+            os.replace(path, target)
+            fsync_dir(folder)  # the version's name is on disk before active.json names it
             info = StoredState(
-                model=model,
-                name=name,
-                version=version,
-                sha256=sha256_hex(data),
-                size_bytes=len(data),
-                detector_class=detector_class,
+                model=folder.parent.name,
+                name=folder.name,
+                version=int(target.stem[1:]),
+                sha256=digest,
+                size_bytes=size,
+                detector_class=cls,
                 uploaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
             meta = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
             write_atomic(folder / ACTIVE, json.dumps(meta, indent=1).encode())
-            for old in self._versions(folder):
-                if old not in (version, previous):  # also files of versions a failed write left behind
+        except BaseException:
+            if target is not None:
+                target.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+                held.drop = True
+            raise
+        try:  # committed: the rest only tidies up, so a failure is logged, not raised
+            for old in versions(folder):
+                if old not in (info.version, previous):
                     (folder / f"v{old}.safetensors").unlink(missing_ok=True)
             fsync_dir(folder)
+            report = CleanupReport()
+            clean_detector_folder(self.root, folder, report)
+            report.log()
+        except OSError:
+            logger.warning("cannot remove old versions", extra={"folder": str(folder)}, exc_info=True)
         return info
 
     def delete(self, model: str, name: str) -> None:
-        """Remove the detector with all its versions (renamed away first, so the removal is atomic)."""
+        """Remove the detector with all its versions (renamed away first, so the removal is atomic) and its lock
+        file."""
         folder = self._dir(model, name)
-        with self._locked(model, name):
+        with self._locked(model, name) as held:
             if not (folder / ACTIVE).is_file():
+                held.drop = not folder.exists()
                 raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}")
-            trash = folder.with_name(f".deleted-{name}-{os.getpid()}-{time.monotonic_ns()}")
+            trash = folder.with_name(f"{TRASH_PREFIX}{name}-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(folder, trash)
+            held.drop = True
             fsync_dir(folder.parent)
             shutil.rmtree(trash, ignore_errors=True)
+        report = CleanupReport()
+        clean_trash(self.root, folder.parent, report)
+        report.log()
+
+    def cleanup(self) -> CleanupReport:
+        """Remove what interrupted writes left under ``root``, each detector folder under its lock, and log it
+        (see :mod:`service.states.cleanup`). Safe while other processes write: it never waits for an upload."""
+        return clean_root(self.root, self._locked)

@@ -4,6 +4,7 @@ directory never write the same version."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import DetectorNotFoundError, InvalidNameError
+from service.errors import DetectorNotFoundError, InsufficientStorageError, InvalidNameError
 from service.states.store import ACTIVE, StateStore, sha256_hex
 
 
@@ -24,25 +25,30 @@ def test_every_file_is_fsynced_before_it_is_renamed_into_place(tmp_path: Path, m
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd: int) -> None:
-        events.append("fsync")
+        events.append(f"fsync {os.fstat(fd).st_ino}")
         real_fsync(fd)
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        assert Path(src).parent == Path(dst).parent  # same folder: the rename is atomic
-        events.append(f"rename {Path(dst).name}")
+        assert os.stat(src).st_dev == os.stat(Path(dst).parent).st_dev  # one file system: the rename is atomic
+        events.append(f"rename {os.stat(src).st_ino} {Path(dst).name}")
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     StateStore(tmp_path).put("m", "d", b"state-bytes", "EnergyBased")
-    renames = [i for i, e in enumerate(events) if e.startswith("rename")]
-    assert [events[i] for i in renames] == ["rename v1.safetensors", f"rename {ACTIVE}"]
-    for index in renames:
-        assert events[index - 1] == "fsync"  # the data is on disk before its name is
-    assert events[-1] == "fsync"  # and the folder entries after the last rename
+    folder = os.stat(tmp_path / "m" / "d").st_ino
+    renames = [(i, e.split()) for i, e in enumerate(events) if e.startswith("rename")]
+    assert [name for _, (_, _, name) in renames] == ["v1.safetensors", ACTIVE]
+    for index, (_, inode, _) in renames:
+        assert f"fsync {inode}" in events[:index]  # the data is on disk before its name is
+    version_rename, commit = (index for index, _ in renames)
+    assert f"fsync {folder}" in events[version_rename:commit]  # the version's name is on disk before active.json
+    assert events[-1] == f"fsync {folder}"  # and the folder entries after the last rename
 
 
-def test_a_failed_write_leaves_the_active_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_failed_write_leaves_the_active_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """A full volume is an ``InsufficientStorageError``, another error propagates; either way nothing is left."""
     store = StateStore(tmp_path)
     store.put("m", "d", b"first", "EnergyBased")
     folder = tmp_path / "m" / "d"
@@ -50,19 +56,20 @@ def test_a_failed_write_leaves_the_active_version(tmp_path: Path, monkeypatch: p
 
     def fail_on_commit(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         if Path(dst).name == ACTIVE:
-            raise OSError(28, "No space left on device")
+            raise OSError(err, os.strerror(err))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_commit)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(InsufficientStorageError if err == errno.ENOSPC else OSError) as raised:
         store.put("m", "d", b"second", "EnergyBased")
+    assert isinstance(raised.value, InsufficientStorageError) == (err == errno.ENOSPC)
     monkeypatch.setattr(os, "replace", real_replace)
     info, data = store.read("m", "d")
     assert (info.version, data) == (1, b"first")
-    assert not [name for name in files(folder) if name.endswith(".tmp")]  # no temporary file left behind
-    # the next write becomes v3 and keeps v1 (the version that was active), not v2 (never committed)
-    assert store.put("m", "d", b"third", "EnergyBased").version == 3
-    assert files(folder) == [ACTIVE, "v1.safetensors", "v3.safetensors"]
+    assert files(folder) == [ACTIVE, "v1.safetensors"]  # no temporary file, no uncommitted v2
+    assert not any((tmp_path / ".uploads").iterdir())  # nor the upload
+    assert store.put("m", "d", b"third", "EnergyBased").version == 2  # v2 was never committed: its number is free
+    assert files(folder) == [ACTIVE, "v1.safetensors", "v2.safetensors"]
     assert store.read("m", "d")[1] == b"third"
 
 
@@ -96,6 +103,7 @@ def test_processes_sharing_the_directory_get_distinct_growing_versions(tmp_path:
     info, data = StateStore(tmp_path).read("m", "d")
     assert info.version == 30 and data.decode().split("-")[1] == "14"  # the last write of its writer
     assert files(tmp_path / "m" / "d") == [ACTIVE, "v29.safetensors", "v30.safetensors"]
+    assert files(tmp_path / ".uploads") == []
 
 
 def test_store_versions_sha_and_delete(tmp_path: Path) -> None:
@@ -113,7 +121,12 @@ def test_store_versions_sha_and_delete(tmp_path: Path) -> None:
         store.read("m", "d")
     store.delete("m", "d")
     assert store.list_states("m") == [] and not (tmp_path / "m" / "d").exists()
+    assert files(tmp_path / "m") == []  # the lock file went with its detector; the model folder stays
     with pytest.raises(DetectorNotFoundError):
         store.delete("m", "d")
+    with pytest.raises(DetectorNotFoundError):
+        store.delete("other", "d")
+    assert files(tmp_path / "m") == [] and not (tmp_path / "other").exists()  # a failed delete made nothing
     with pytest.raises(InvalidNameError):
         store.put("m", "../escape", b"x", "EnergyBased")
+    assert files(tmp_path / ".uploads") == []
