@@ -30,6 +30,7 @@ from ood_core.errors import ModelNotSetException as ModelNotSetException
 from ood_core.errors import OODError as OODError
 from ood_core.errors import RequiresFitException as RequiresFitException
 from ood_core.errors import RequiresFittingException as RequiresFittingException
+from ood_core.utils import all_finite
 
 InputKind = Literal["logits", "features", "feature_maps", "input", "multi_features"]
 
@@ -123,6 +124,19 @@ class Detector(nn.Module, ABC):
     def _mark_fitted(self) -> None:
         self._is_fitted = True
 
+    def check_state(self) -> None:
+        """Refuse fitted values that would silently break scoring: raise :class:`InvalidStateError` naming
+        the problem.
+
+        Called by :func:`ood_core.state.load_detector` once the buffers are set, and by :meth:`fit` /
+        :meth:`fit_features` before the detector counts as fitted. The default checks that every floating
+        tensor of :attr:`state_spec` is finite; detectors with more structure (a precision matrix, a feature
+        bank) override it, calling ``super().check_state()`` first.
+        """
+        for name in self.state_spec:
+            if not all_finite(getattr(self, name)):
+                raise InvalidStateError(f"{type(self).__name__} tensor '{name}' contains NaN or Inf")
+
     def _check_fitted(self) -> None:
         if not self._is_fitted:
             raise RequiresFitException(f"{type(self).__name__} has to be fitted before it can predict")
@@ -157,6 +171,7 @@ class Detector(nn.Module, ABC):
                 z = self._extract(x)
             self._fit_batch(z, y.to(z.device) if isinstance(z, Tensor) else y)
         self._finish_fit()
+        self.check_state()
         self._mark_fitted()
         return self
 
@@ -172,6 +187,7 @@ class Detector(nn.Module, ABC):
         self._begin_fit()
         self._fit_batch(x, y)
         self._finish_fit()
+        self.check_state()
         self._mark_fitted()
         return self
 

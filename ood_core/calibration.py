@@ -17,7 +17,7 @@ ranks, and the accepted share at :meth:`Calibration.threshold` by about :math:`1
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
 
 import torch
 from torch import Tensor
@@ -26,10 +26,15 @@ from ood_core.errors import InvalidStateError
 
 DEFAULT_TPR = 0.95
 MAX_EXACT = 10_000
+#: largest number of calibration scores (2**53: counts stay exact in float64)
+MAX_N = 2**53
 
 
 class Calibration:
     """Sorted ID calibration scores (or a quantile sketch of them) with threshold and p-value queries."""
+
+    #: names of the tensors :meth:`to_tensors` writes into a saved state
+    TENSORS: tuple[str, ...] = ("calibration.quantiles",)
 
     def __init__(self, scores: Tensor, n: int | None = None, target_tpr: float = DEFAULT_TPR) -> None:
         scores = scores.detach().reshape(-1).to("cpu", torch.float64)
@@ -107,22 +112,35 @@ class Calibration:
 
     @classmethod
     def from_saved(cls, tensors: dict[str, Tensor], metadata: str) -> Calibration:
+        """Rebuild from :meth:`to_tensors` / :meth:`to_metadata` output; :class:`InvalidStateError` if malformed:
+        ``n`` must be a positive integer, ``target_tpr`` a finite number in (0, 1], the quantiles a non-empty,
+        finite, sorted 1-D float64 tensor."""
         try:
-            meta: dict[str, Any] = json.loads(metadata)
-            n, tpr = int(meta["n"]), float(meta["target_tpr"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidStateError(f"calibration metadata is malformed: {exc}") from exc
+            meta = json.loads(metadata)
+        except (TypeError, ValueError, RecursionError):
+            raise InvalidStateError("calibration metadata is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise InvalidStateError("calibration metadata must be a JSON object")
+        n, tpr = meta.get("n"), meta.get("target_tpr")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+            raise InvalidStateError(f"calibration metadata 'n' must be an integer from 1 to {MAX_N}")
+        if not isinstance(tpr, (int, float)) or isinstance(tpr, bool) or not math.isfinite(tpr):
+            raise InvalidStateError("calibration metadata 'target_tpr' must be a finite number")
         q = tensors.get("calibration.quantiles")
         if q is None:
             raise InvalidStateError("calibration metadata present but tensor 'calibration.quantiles' missing")
         if q.dtype != torch.float64 or q.dim() != 1:
             raise InvalidStateError("calibration.quantiles must be a 1-D float64 tensor")
+        if q.numel() == 0:
+            raise InvalidStateError("calibration.quantiles is empty: calibration needs at least one score")
+        if not bool(torch.isfinite(q).all()):
+            raise InvalidStateError("calibration.quantiles contains NaN or Inf")
         if not bool((q[1:] >= q[:-1]).all()):
             raise InvalidStateError("calibration.quantiles must be sorted")
         try:
-            return cls(q, n=n, target_tpr=tpr)
+            return cls(q, n=n, target_tpr=float(tpr))
         except ValueError as exc:
-            raise InvalidStateError(str(exc)) from exc
+            raise InvalidStateError(f"calibration metadata is malformed: {exc}") from None
 
     def __repr__(self) -> str:
         kind = "exact" if self.is_exact else f"sketch of {self.quantiles.numel()}"

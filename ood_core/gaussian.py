@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ood_core.api import known_mask
+from ood_core.api import InvalidStateError, known_mask
 from ood_core.utils import add_gram, symmetric_from_upper
 
 #: most elements of one ``batch x classes`` distance block (bounds memory for very many classes)
@@ -20,6 +20,8 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 CHUNK_ROWS = 4096
 #: largest condition number bound for which :func:`robust_precision` inverts through Cholesky
 MAX_CHOLESKY_CONDITION = 1e8
+#: relative tolerance of :func:`check_precision` for asymmetry and negative eigenvalues (rounding)
+PRECISION_TOLERANCE = 1e-8
 
 
 class ClassGaussianStats:
@@ -162,9 +164,11 @@ def robust_precision(cov: Tensor) -> Tensor:
     ``‖Σ‖_F ‖Σ⁻¹‖_F`` (≥ κ₂) is at most ``MAX_CHOLESKY_CONDITION``, no eigenvalue is anywhere near the
     cut-off, so the pseudo-inverse is the inverse; it is then taken from the Cholesky factor (several times
     cheaper than an eigendecomposition; the two agree to about κ·eps ≤ 1e-8 relative). Otherwise the
-    eigendecomposition is used.
+    eigendecomposition is used. Raises ``ValueError`` for a non-finite covariance (non-finite features).
     """
     cov = cov.to(torch.float64)
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError("the covariance contains NaN or Inf: the features are not finite")
     cov = (cov + cov.T) / 2
     factor, info = torch.linalg.cholesky_ex(cov)
     if int(info) == 0:
@@ -177,6 +181,32 @@ def robust_precision(cov: Tensor) -> Tensor:
     inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(cutoff), 0.0)
     precision = (vectors * inverse) @ vectors.T
     return (precision + precision.T) / 2
+
+
+def check_precision(owner: str, name: str, precision: Tensor) -> None:
+    """Refuse a (finite) precision matrix that :func:`robust_precision` cannot have produced.
+
+    It must be symmetric (within ``PRECISION_TOLERANCE`` of its largest entry), not all zero (every distance
+    would be 0) and positive semi-definite. Positive definite is the common case and costs one Cholesky
+    factorization of the float64 matrix; when that fails, the eigenvalues decide: the pseudo-inverse of a
+    singular covariance (features with constant or collinear dimensions) is singular yet valid, so
+    eigenvalues down to ``-PRECISION_TOLERANCE`` times the largest one count as zero. Raises
+    :class:`InvalidStateError` naming ``owner``'s tensor ``name`` and the problem.
+    """
+    p = precision.detach().to(torch.float64)
+    scale = float(p.abs().max()) if p.numel() else 0.0
+    if scale == 0.0:
+        raise InvalidStateError(f"{owner} tensor '{name}' is all zero: not a precision matrix")
+    if float((p - p.T).abs().max()) > PRECISION_TOLERANCE * scale:
+        raise InvalidStateError(f"{owner} tensor '{name}' is not symmetric")
+    if int(torch.linalg.cholesky_ex(p).info) == 0:
+        return
+    values = torch.linalg.eigvalsh((p + p.T) / 2)
+    lowest, highest = float(values[0]), float(values[-1])
+    if highest <= 0.0 or lowest < -PRECISION_TOLERANCE * highest:
+        raise InvalidStateError(
+            f"{owner} tensor '{name}' is not positive semi-definite (eigenvalues from {lowest:.3g} to {highest:.3g})"
+        )
 
 
 def pooled_features(z: Tensor) -> Tensor:

@@ -3,29 +3,34 @@
 Layout of the file:
 
 * tensors: every buffer named in the detector's :attr:`~ood_core.api.Detector.state_spec` (the fitted
-  state and constructor tensors such as ViM's ``w``/``b``), plus ``calibration.*`` when a
+  state and constructor tensors such as ViM's ``w``/``b``), plus ``calibration.quantiles`` when a
   :class:`~ood_core.calibration.Calibration` is attached;
 * header metadata (strings): ``format``, ``format_version``, ``class``, ``hparams`` (JSON of the
   constructor arguments), ``feature_dim`` and ``num_classes`` (JSON int or null), ``input_kind``,
-  ``library_version`` and, optionally, ``calibration`` (JSON).
+  ``library_version``, ``tensor_sha256`` (:func:`~ood_core.state_io.tensor_digest` of all the tensors)
+  and, optionally, ``calibration`` (JSON).
 
-Nothing is unpickled: safetensors holds raw little-endian tensors and a JSON header. Loading validates
-everything and raises :class:`~ood_core.errors.InvalidStateError` with the reason on any mismatch.
+Format versions: ``"2"`` (written now) requires ``tensor_sha256``; ``"1"`` files, written before the digest
+existed, still load without one (their digest is checked if present).
+
+Nothing is unpickled: safetensors holds raw little-endian tensors and a JSON header. Loading validates the
+framing by hand first (bounded: :mod:`ood_core.state_format`; reading: :mod:`ood_core.state_io`), then the
+metadata, the digest, the tensors' names, dtypes and shapes against the class's ``state_spec``, and finally
+the values (:meth:`~ood_core.api.Detector.check_state`). Any problem raises :class:`~ood_core.errors.InvalidStateError`
+with a reason that names it (and never a file-system path or an object's repr).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
@@ -33,14 +38,37 @@ import ood_core
 from ood_core.api import Detector, TensorSpec
 from ood_core.calibration import Calibration
 from ood_core.errors import InvalidStateError, RequiresFitException
+from ood_core.state_format import MAX_HEADER_BYTES, MAX_TENSORS, excerpt
+from ood_core.state_io import Source, read_source, tensor_digest
+from ood_core.utils import all_finite
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
+    "Source",
+    "StateInfo",
+    "detector_class",
+    "load_detector",
+    "read_state_info",
+    "save_detector",
+    "write_atomic",
+]
 
 FORMAT = "ood-serve/detector-state"
-FORMAT_VERSION = "1"
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-#: accepted ``library_version`` values (PEP 440-like: release numbers, optional suffix such as ``.dev1``)
-_VERSION = re.compile(r"\d+(\.\d+)*([.+-]?[0-9A-Za-z]+)*")
-
-Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+FORMAT_VERSION = "2"
+#: versions :func:`load_detector` reads; ``"1"`` predates ``tensor_sha256``
+READABLE_VERSIONS = ("1", "2")
+DIGEST_KEY = "tensor_sha256"
+#: longest reason quoted from a constructor's exception (its message may quote a hostile hyperparameter)
+MAX_REASON_CHARS = 300
+#: longest accepted ``library_version``
+MAX_VERSION_CHARS = 64
+#: accepted ``library_version`` values (PEP 440-like: release numbers, optional suffix such as ``.dev1``);
+#: each repetition consumes one character, so matching is linear (no nested quantifiers to backtrack)
+_VERSION = re.compile(r"\d+(\.\d+)*([0-9A-Za-z]|[.+-][0-9A-Za-z])*")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +90,7 @@ def detector_class(name: str) -> type[Detector]:
 
     obj = getattr(det_pkg, name) if name in det_pkg.__all__ else None
     if not (isinstance(obj, type) and issubclass(obj, Detector)):
-        raise InvalidStateError(f"unknown detector class {name!r}")
+        raise InvalidStateError(f"unknown detector class {excerpt(name)}")
     return obj
 
 
@@ -95,6 +123,7 @@ def save_detector(
     if calibration is not None:
         tensors.update(calibration.to_tensors())
         metadata["calibration"] = calibration.to_metadata()
+    metadata[DIGEST_KEY] = tensor_digest(tensors)
     data = st_save(tensors, metadata=metadata)
     if path is not None:
         write_atomic(Path(path), data)
@@ -116,63 +145,35 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _read(source: Source) -> bytes:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    try:
-        return Path(source).read_bytes()
-    except OSError as exc:
-        raise InvalidStateError(f"cannot read state file {source}: {exc}") from exc
-
-
-def _parse(data: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """Check the safetensors framing by hand (clear messages for truncation), then decode."""
-    if len(data) < 8:
-        raise InvalidStateError("state is truncated: fewer than 8 bytes")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise InvalidStateError("state is truncated or not a safetensors file: header runs past the end")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidStateError(f"state header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise InvalidStateError("state header is not a JSON object")
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    body = len(data) - 8 - header_len
-    if max(ends, default=0) != body:
-        raise InvalidStateError(
-            f"state is truncated or padded: tensors need {max(ends, default=0)} bytes, file has {body}"
-        )
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error type
-        raise InvalidStateError(f"state is not a valid safetensors file: {exc}") from exc
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise InvalidStateError("state metadata is not a JSON object")
-    return metadata, tensors
-
-
 def _reject_constant(name: str) -> Any:
     raise InvalidStateError(f"non-finite number {name} in the state metadata")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999, which Python's json reads as inf
+        raise InvalidStateError(f"non-finite number {text[:40]} in the state metadata")
+    return value
+
+
 def _json_field(meta: dict[str, str], key: str) -> Any:
-    """Strict JSON of a metadata field: ``NaN`` and ``Infinity`` (which Python's json accepts) are rejected."""
+    """Strict JSON of a metadata field: ``NaN``, ``Infinity`` and overflowing numbers such as ``1e999`` (all of
+    which Python's json accepts) are rejected, however deeply they are nested."""
     if key not in meta:
         raise InvalidStateError(f"state metadata lacks '{key}'")
     try:
-        return json.loads(meta[key], parse_constant=_reject_constant)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise InvalidStateError(f"state metadata '{key}' is not valid JSON") from exc
+        return json.loads(meta[key], parse_constant=_reject_constant, parse_float=_finite_float)
+    except InvalidStateError:
+        raise
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are over-long integers
+        raise InvalidStateError(f"state metadata '{key}' is not valid JSON") from None
 
 
 def _info(meta: dict[str, str]) -> StateInfo:
     if meta.get("format") != FORMAT:
-        raise InvalidStateError(f"not an ood-serve detector state (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InvalidStateError(f"unsupported state format version {meta.get('format_version')!r}")
+        raise InvalidStateError(f"not an ood-serve detector state (format={excerpt(meta.get('format'))})")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise InvalidStateError(f"unsupported state format version {excerpt(meta.get('format_version'))}")
     hparams = _json_field(meta, "hparams")
     if not isinstance(hparams, dict):
         raise InvalidStateError("state 'hparams' must be a JSON object")
@@ -180,11 +181,11 @@ def _info(meta: dict[str, str]) -> StateInfo:
     for key in ("feature_dim", "num_classes"):
         val = _json_field(meta, key)
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
-            raise InvalidStateError(f"state '{key}' must be a positive integer or null, got {val!r}")
+            raise InvalidStateError(f"state '{key}' must be a positive integer or null, got {excerpt(val)}")
         dims[key] = val
     version = meta.get("library_version")
-    if not isinstance(version, str) or _VERSION.fullmatch(version) is None:
-        raise InvalidStateError(f"state 'library_version' must be a version string, got {version!r}")
+    if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or _VERSION.fullmatch(version) is None:
+        raise InvalidStateError(f"state 'library_version' must be a version string, got {excerpt(version)}")
     calib = _json_field(meta, "calibration") if "calibration" in meta else None
     return StateInfo(
         cls=str(meta.get("class")),
@@ -198,15 +199,33 @@ def _info(meta: dict[str, str]) -> StateInfo:
 
 
 def read_state_info(source: Source) -> StateInfo:
-    """Validate the framing and header of a saved state and return its description."""
-    meta, _ = _parse(_read(source))
-    return _info(meta)
+    """Validate the framing and header of a saved state and return its description.
+
+    Only the header is read (from a path: its first bytes); the tensors and their digest are checked by
+    :func:`load_detector`."""
+    header, _ = read_source(source, with_tensors=False)
+    return _info(header.metadata)
+
+
+def _check_digest(meta: dict[str, str], tensors: dict[str, Tensor]) -> None:
+    """``tensor_sha256`` matches the tensors; required from format version 2 on."""
+    want = meta.get(DIGEST_KEY)
+    if want is None:
+        if meta.get("format_version") == "1":
+            return
+        raise InvalidStateError(f"state metadata lacks '{DIGEST_KEY}' (required by format version {FORMAT_VERSION})")
+    if _HEX_DIGEST.fullmatch(want) is None:
+        raise InvalidStateError(f"state '{DIGEST_KEY}' must be 64 lowercase hexadecimal digits")
+    if tensor_digest(tensors) != want:
+        raise InvalidStateError(f"tensor digest mismatch: the file is corrupted ('{DIGEST_KEY}' does not match)")
 
 
 def _check_tensors(cls: type[Detector], info: StateInfo, tensors: dict[str, Tensor]) -> None:
+    """Names, dtypes and shapes of the tensors against the class's ``state_spec`` and the metadata; finite."""
     spec: dict[str, TensorSpec] = cls.state_spec
     present = {k for k in tensors if not k.startswith("calibration.")}
     missing, extra = sorted(set(spec) - present), sorted(present - set(spec))
+    extra += sorted(k for k in tensors if k.startswith("calibration.") and k not in Calibration.TENSORS)
     if missing:
         raise InvalidStateError(f"{info.cls} state is missing tensors: {', '.join(missing)}")
     if extra:
@@ -228,8 +247,25 @@ def _check_tensors(cls: type[Detector], info: StateInfo, tensors: dict[str, Tens
                 raise InvalidStateError(
                     f"{info.cls} tensor '{name}' has size {got} on axis {axis}, expected {expected} ({want})"
                 )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):  # before from_state sees it (ViM inverts w); check_state repeats it after fits
             raise InvalidStateError(f"{info.cls} tensor '{name}' contains NaN or Inf")
+
+
+def _build(cls: type[Detector], info: StateInfo, tensors: dict[str, Tensor], nets: dict[str, Any]) -> Detector:
+    """``cls.from_state``, with every failure of a hostile hyperparameter turned into InvalidStateError."""
+    networks = sorted(set(info.hparams) & set(cls.external_modules))
+    if networks:
+        raise InvalidStateError(f"{info.cls} state 'hparams' must not set the networks {', '.join(networks)}")
+    try:
+        return cls.from_state(dict(info.hparams), tensors, nets)
+    except InvalidStateError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        reason = str(exc)
+        reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+        raise InvalidStateError(f"cannot build {info.cls} from the saved hyperparameters: {reason}") from None
+    except Exception as exc:  # e.g. a RuntimeError of a tensor operation on odd values: no details passed on
+        raise InvalidStateError(f"cannot build {info.cls} from the saved state ({type(exc).__name__})") from None
 
 
 def load_detector(source: Source, model: Any = None, **modules: Any) -> Detector:
@@ -237,27 +273,35 @@ def load_detector(source: Source, model: Any = None, **modules: Any) -> Detector
 
     ``model`` and other networks (``head``, ``backbone``) are passed again, as they are not part of the
     state. The detector comes back fitted, on the CPU, with ``detector.calibration`` set (or ``None``).
+    From a path, the tensors are read straight into their final memory (peak about their size).
     """
-    meta, tensors = _parse(_read(source))
+    header, tensors = read_source(source, with_tensors=True)
+    meta = header.metadata
     info = _info(meta)
+    _check_digest(meta, tensors)
     cls = detector_class(info.cls)
     if info.input_kind != cls.input_kind:
-        raise InvalidStateError(f"{info.cls} state says input_kind={info.input_kind!r}, class has {cls.input_kind!r}")
+        raise InvalidStateError(
+            f"{info.cls} state says input_kind={excerpt(info.input_kind)}, class has {cls.input_kind!r}"
+        )
     _check_tensors(cls, info, tensors)
     nets = dict(modules)
     if "model" in cls.external_modules:
         nets["model"] = model
-    try:
-        detector = cls.from_state(dict(info.hparams), tensors, nets)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise InvalidStateError(f"cannot build {info.cls} from the saved hyperparameters: {exc}") from exc
+    detector = _build(cls, info, tensors, nets)
     for name in cls.state_spec:
-        setattr(detector, name, tensors[name].clone())
+        setattr(detector, name, tensors[name])  # tensors own their memory (read_source): no copy
     detector._mark_fitted()
     for key, want in (("feature_dim", info.feature_dim), ("num_classes", info.num_classes)):
         got = getattr(detector, key)
         if got != want:
             raise InvalidStateError(f"{info.cls} state metadata says {key}={want}, tensors give {got}")
+    try:
+        detector.check_state()
+    except InvalidStateError:
+        raise
+    except Exception as exc:  # a check tripping over odd values: the state is refused all the same
+        raise InvalidStateError(f"{info.cls} state values cannot be checked ({type(exc).__name__})") from None
     calibration = None
     if info.calibration is not None:
         calibration = Calibration.from_saved(tensors, meta["calibration"])

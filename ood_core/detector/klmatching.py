@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
 
 #: floor for template probabilities, so that a class the template never saw gives a finite divergence
 _MIN_PROB = 1e-12
@@ -53,6 +53,12 @@ class KLMatching(Detector):
     @property
     def num_classes(self) -> int | None:
         return int(self.counts.shape[0]) if self.is_fitted else None
+
+    def check_state(self) -> None:
+        """Finite templates, counts >= 0 and at least one predicted class (else every score is +inf)."""
+        super().check_state()
+        if bool((self.counts < 0).any()) or int(self.counts.sum()) <= 0:
+            raise InvalidStateError("KLMatching tensor 'counts' must be >= 0 with at least one class predicted")
 
     # ------------------------------------------------------------------ streaming fit
     def _begin_fit(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
 
 #: most elements of one ``queries x bank`` similarity block (64 MiB in float32)
 MAX_BLOCK_ELEMENTS = 1 << 24
@@ -24,6 +24,8 @@ PRESELECT_MIN_BANK = 10_000
 PRESELECT_FACTORS = (4, 16)
 #: columns per strided chunk in :func:`chunked_topk`
 TOPK_CHUNK = 16
+#: slack on the unit norm of bank rows (``normalize=True``) accepted by :meth:`KNN.check_state` (float32 rounding)
+NORM_TOLERANCE = 1e-3
 
 
 @cache
@@ -102,6 +104,20 @@ class KNN(Detector):
     @property
     def feature_dim(self) -> int | None:
         return int(self.bank.shape[1]) if self.is_fitted else None
+
+    def check_state(self) -> None:
+        """A finite bank of at least ``k`` features; with ``normalize``, rows of norm at most 1 (unit vectors,
+        or the shorter rows :func:`l2_normalize` leaves of near-zero features)."""
+        super().check_state()
+        rows = int(self.bank.shape[0])
+        if rows == 0 or rows < self.k:
+            raise InvalidStateError(f"KNN bank has {rows} features: it needs at least k={self.k}")
+        if self.normalize and rows:
+            longest = float(torch.linalg.vector_norm(self.bank, dim=1).max())
+            if longest > 1.0 + NORM_TOLERANCE:
+                raise InvalidStateError(
+                    f"KNN bank rows must be unit vectors with normalize=True, one has norm {longest:.4g}"
+                )
 
     def _prepare(self, z: Tensor) -> Tensor:
         z = z.detach().flatten(1).to(torch.float32)

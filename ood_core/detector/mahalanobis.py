@@ -8,6 +8,7 @@ The streaming Gaussian statistics and distance kernels live in :mod:`ood_core.ga
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from ood_core.api import TensorSpec
 from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
+    check_precision,
     min_mahalanobis,
     nearest_centre,
     output_dtype,
@@ -60,8 +62,10 @@ class Mahalanobis(ClassGaussianFit):
         self.model = model
         self.eps = float(eps)
         self.norm_std = None if norm_std is None else [float(s) for s in norm_std]
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        if self.norm_std is not None and not all(math.isfinite(s) and s > 0 for s in self.norm_std):
+            raise ValueError("norm_std must hold finite standard deviations > 0")
 
     def hparams(self) -> dict[str, Any]:
         return {"eps": self.eps, "norm_std": self.norm_std}
@@ -71,6 +75,11 @@ class Mahalanobis(ClassGaussianFit):
         """Shared covariance (pseudo-inverse of the stored precision)."""
         self._check_fitted()
         return torch.linalg.pinv(self.precision, hermitian=True)
+
+    def check_state(self) -> None:
+        """Finite ``mu`` and ``precision``; ``precision`` symmetric positive semi-definite and not all zero."""
+        super().check_state()
+        check_precision(type(self).__name__, "precision", self.precision)
 
     # ------------------------------------------------------------------ fitting (streaming, ClassGaussianFit)
     def _store_gaussians(self, stats: ClassGaussianStats) -> None:

@@ -6,6 +6,7 @@ Attacks", NeurIPS 2018 (feature ensemble, Sec. 2.2, without the logistic-regress
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,13 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector, TensorSpec
-from ood_core.gaussian import ClassGaussianStats, min_mahalanobis, pooled_features, robust_precision
+from ood_core.gaussian import (
+    ClassGaussianStats,
+    check_precision,
+    min_mahalanobis,
+    pooled_features,
+    robust_precision,
+)
 
 
 class MultiMahalanobis(Detector):
@@ -49,6 +56,8 @@ class MultiMahalanobis(Detector):
         super().__init__()
         self.model = None if model is None else list(model)
         self.alpha = None if alpha is None else [float(a) for a in alpha]
+        if self.alpha is not None and not all(math.isfinite(a) for a in self.alpha):
+            raise ValueError("alpha must hold finite weights")
         if self.model is not None and len(self.model) == 0:
             raise ValueError("model must be a non-empty list of layers")
         if self.model is not None and self.alpha is not None and len(self.alpha) != len(self.model):
@@ -75,6 +84,12 @@ class MultiMahalanobis(Detector):
     @property
     def num_classes(self) -> int | None:
         return int(self.mu.shape[1]) if self.is_fitted else None
+
+    def check_state(self) -> None:
+        """Finite tensors; each layer's precision block symmetric positive semi-definite and not all zero."""
+        super().check_state()
+        for i, width in enumerate(self.layer_dims.tolist()):
+            check_precision(type(self).__name__, f"precision[{i}]", self.precision[i, :width, :width])
 
     @property
     def num_layers(self) -> int | None:

@@ -15,6 +15,7 @@ from ood_core.api import TensorSpec
 from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
+    check_precision,
     min_mahalanobis,
     output_dtype,
     pooled_features,
@@ -50,6 +51,12 @@ class RMD(ClassGaussianFit):
     def __init__(self, model: Any = None) -> None:
         super().__init__()
         self.model = model
+
+    def check_state(self) -> None:
+        """Finite tensors; both precisions symmetric positive semi-definite and not all zero."""
+        super().check_state()
+        for name in ("precision", "background_precision"):
+            check_precision(type(self).__name__, name, getattr(self, name))
 
     def _store_gaussians(self, stats: ClassGaussianStats) -> None:
         _, means, within = stats.finish()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
 
 
 class TemperatureScaling(Detector):
@@ -39,6 +39,12 @@ class TemperatureScaling(Detector):
     def __init__(self, model: Any = None) -> None:
         super().__init__()
         self.model = model
+
+    def check_state(self) -> None:
+        """A finite temperature ``t > 0`` (at 0 or below the scores are NaN or reversed)."""
+        super().check_state()
+        if not float(self.t) > 0.0:
+            raise InvalidStateError(f"TemperatureScaling tensor 't' must be > 0, got {float(self.t):.4g}")
 
     def _fit_batch(self, z: Tensor, y: Tensor) -> None:
         # keep only the labelled ID rows (pixels for segmentation), flattened to N x C

@@ -11,9 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
 from ood_core.gaussian import CHUNK_ROWS
 from ood_core.utils import add_gram, symmetric_from_upper
+
+#: largest deviation of ``principalᵀ principal`` from the identity accepted by :meth:`ViM.check_state`
+ORTHONORMAL_TOLERANCE = 1e-6
 
 
 class ViM(Detector):
@@ -82,6 +85,15 @@ class ViM(Detector):
     @property
     def feature_dim(self) -> int | None:
         return int(self.w.shape[1])
+
+    def check_state(self) -> None:
+        """Finite tensors and orthonormal ``principal`` columns (the residual norm assumes them)."""
+        super().check_state()
+        principal = self.principal.detach().to(torch.float64)
+        gram = principal.T @ principal
+        error = float((gram - torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)).abs().max())
+        if error > ORTHONORMAL_TOLERANCE:
+            raise InvalidStateError(f"ViM tensor 'principal' must have orthonormal columns (off by {error:.3g})")
 
     @property
     def num_classes(self) -> int | None:
