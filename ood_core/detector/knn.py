@@ -150,7 +150,7 @@ class KNN(Detector):
         preselect = self.normalize and bank.shape[0] >= max(PRESELECT_MIN_BANK, 4 * self.k)
         if preselect and bf16_matmul_is_fast(bank.device.type):
             return preselected_kth_distance(z, bank, self.k, self._bank_bf16()).to(out_dtype)
-        bank_sq = None if self.normalize else (bank * bank).sum(1)
+        bank_sq = None if self.normalize else torch.linalg.vector_norm(bank, dim=1).square()  # no N x D temporary
         rows = max(1, min(MAX_BLOCK_ELEMENTS // bank.shape[0], MAX_BLOCK_ELEMENTS // (self.k * bank.shape[1])))
         buf = z.new_empty(min(rows, z.shape[0]), bank.shape[0])  # reused: fresh blocks are page-faulted each time
         scores = [exact_kth_distance(q, bank, self.k, bank_sq, buf) for q in z.split(rows)]
@@ -261,13 +261,24 @@ def chunked_topk(a: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     return top.values, cols.gather(1, top.indices)
 
 
-def bank_rounding_stats(bank: Tensor, bank_low: Tensor) -> Tensor:
-    """float64 ``[max ||b||, max ||b - bf16(b)||, max ||bf16(b)||, max | ||b||^2 - 1 | / 2]`` over the rows."""
-    b, b_low = bank.double(), bank_low.double()
-    norm = b.norm(dim=1)
-    return torch.stack(
-        [norm.max(), (b - b_low).norm(dim=1).max(), b_low.norm(dim=1).max(), (norm.square() - 1).abs().max() / 2]
-    )
+def bank_rounding_stats(bank: Tensor, bank_low: Tensor, rows: int = 16384) -> Tensor:
+    """float64 ``[max ||b||, max ||b - bf16(b)||, max ||bf16(b)||, max | ||b||^2 - 1 | / 2]`` over the rows,
+    computed ``rows`` at a time (float64 copies of the whole bank would cost 4x its memory)."""
+    parts = []
+    for start in range(0, max(1, bank.shape[0]), rows):
+        b, b_low = bank[start : start + rows].double(), bank_low[start : start + rows].double()
+        norm = b.norm(dim=1)
+        parts.append(
+            torch.stack(
+                [
+                    norm.max(),
+                    (b - b_low).norm(dim=1).max(),
+                    b_low.norm(dim=1).max(),
+                    (norm.square() - 1).abs().max() / 2,
+                ]
+            )
+        )
+    return torch.stack(parts).amax(dim=0)
 
 
 def similarity_slack(q: Tensor, q_low: Tensor, stats: Tensor) -> Tensor:
