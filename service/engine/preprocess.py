@@ -1,7 +1,8 @@
 """The ONE preprocessing path, used for scoring and for fitting, so served scores match fitted ones.
 
 Two stages: on the CPU, :meth:`Preprocessor.pixels` turns a decoded image into a ``C x H x W`` ``uint8`` tensor
-(convert to ``L``/``RGB``, bilinear resize, center crop); on the model's device, :meth:`Preprocessor.normalize`
+(convert to ``L``/``RGB`` by the mode rules of :mod:`service.engine.decode`: 16-bit range scaled, alpha onto black,
+CMYK/palette to RGB; then bilinear resize, center crop); on the model's device, :meth:`Preprocessor.normalize`
 turns a stacked ``uint8`` batch into ``(x / 255 - mean) / std``. Tensors of images already in [0, 1] (the
 embedded data sets) enter the same path through :meth:`Preprocessor.pixels_from_tensor` (quantized to 8 bits
 exactly as a PNG of them would be).
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from service.engine.decode import to_model_mode
 from service.settings import PreprocessConfig, Size
 
 
@@ -33,8 +35,8 @@ class Preprocessor:
         return self.config.resize if self.config.resize is not None else self.input_size
 
     def pixels(self, image: Image.Image) -> Tensor:
-        """Decoded image -> ``C x H x W`` uint8 at the model's input size."""
-        image = image.convert(self.config.mode)
+        """Decoded image (any mode) -> ``C x H x W`` uint8 at the model's input size."""
+        image = to_model_mode(image, self.config.mode)
         height, width = self._resize_size()
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
