@@ -18,7 +18,7 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
-from service.logs import uvicorn_log_config
+from service.server import uvicorn_config
 from service.settings import load_settings
 
 
@@ -44,14 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn handles SIGTERM/SIGINT (stop accepting, finish open requests, lifespan shutdown drains every
     # batcher) and then re-raises the signal to the previous handler: this one makes a graceful stop exit 0
     signal.signal(signal.SIGTERM, _exit_zero)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=uvicorn_log_config(settings.log_level, settings.log_json),
-        access_log=False,  # the app logs one JSON line per request, with its request id
-        timeout_graceful_shutdown=30,
-    )
+    server = uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port))
+    server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn logged why
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import problems
-from service.api.auth import ApiKeys
+from service.api.auth import ApiKeys, FailureLimiter
 from service.api.deps import ApiServices
 from service.api.docs import install_docs, install_schema
 from service.api.middleware import RequestContextMiddleware
@@ -55,13 +55,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         states=context.states,
         metrics=context.metrics,
         keys=ApiKeys.from_settings(settings),
+        auth_failures=FailureLimiter(settings.auth_failures_per_minute),
     )
-    problems.install_handlers(app)
+    problems.install_handlers(app, problems.Redactor.for_settings(settings))
     app.add_middleware(
         RequestContextMiddleware,
         metrics=context.metrics,
         max_body_bytes=settings.max_body_bytes,
         max_state_bytes=settings.max_state_bytes,
+        body_grace_s=settings.body_grace_s,
+        body_min_rate=settings.body_min_rate_kib_s * 1024,
     )
     for module in (health, models, detectors, score, segment, fit):
         app.include_router(module.router)

@@ -65,6 +65,8 @@ class ServiceContext:
     async def _start(self) -> None:
         catalog = self.catalog
         try:
+            report = await asyncio.to_thread(self.states.store.cleanup)  # what interrupted writes left behind
+            report.log()
             for config in self.model_configs():
                 model = await asyncio.to_thread(self._load_model, config)
                 batcher = attach_batcher(

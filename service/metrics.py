@@ -97,10 +97,19 @@ class ServiceMetrics:
             buckets=P_VALUE_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "ood_http_rejected_connections",
+            "Connections refused before a request reached the app, by reason (connection_limit, header_timeout, ...)",
+            ["reason"],
+            registry=r,
+        )
         r.register(_LiveCollector(models))
         # labelled children, looked up once per label set (``labels()`` takes a lock and validates every call)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._score_children: dict[tuple[str, str], tuple[Histogram, Histogram, Counter, Counter]] = {}
+
+    def rejected_connection(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
 
     def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None:
         self.batch_size.labels(name).observe(size)

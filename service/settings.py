@@ -180,6 +180,19 @@ class Settings(BaseSettings):
     """Images per ``/fit`` request."""
     fit_calibration_share: float = Field(default=0.2, gt=0, lt=1)
     """Default share of the ``/fit`` ID images held out for calibration."""
+    max_connections: int = Field(default=512, gt=0)
+    """Open HTTP connections; past it a new one gets a 503 and is closed at once (keeps file descriptors free)."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Time for a request's line and headers to arrive, from their first byte (408 and close otherwise)."""
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    max_headers: int = Field(default=100, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    """An idle keep-alive connection is closed after this long."""
+    body_grace_s: float = Field(default=15.0, gt=0)
+    body_min_rate_kib_s: float = Field(default=256.0, gt=0)
+    """A body must arrive within ``body_grace_s + size / body_min_rate_kib_s`` of the request's start (408)."""
+    auth_failures_per_minute: int = Field(default=30, gt=0)
+    """Failed authentications per client address and minute before its requests get 429 (``Retry-After``)."""
     state_sync_s: float = Field(default=10.0, ge=0)
     """Seconds between syncs with the state directory, which other replicas may write too (0: no sync)."""
     log_level: str = "INFO"

@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>``, compared in constant time, required for every write.
+"""API keys: ``Authorization: Bearer <key>``, compared in constant time, required for every write; failed
+attempts rate-limited per client address (:class:`FailureLimiter`).
 
 Keys come from ``OOD_API_KEYS`` (comma-separated) and/or ``OOD_API_KEYS_FILE`` (one per line). With none
 configured a random key is generated at start and logged once, so writes are never open.
@@ -10,8 +11,10 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
+from collections import OrderedDict, deque
 
-from service.errors import AuthenticationRequiredError, ForbiddenError
+from service.errors import AuthenticationRequiredError, ForbiddenError, TooManyFailedAuthenticationsError
 from service.settings import Settings
 
 logger = logging.getLogger("service.auth")
@@ -71,3 +74,52 @@ class ApiKeys:
             raise AuthenticationRequiredError("the Authorization header must be 'Bearer <key>'")
         if not self.matches(token.strip()):
             raise ForbiddenError("the API key is not valid")
+
+
+class FailureLimiter:
+    """Failed authentications per client address in a sliding window of one minute.
+
+    Past ``per_minute`` failures an address gets :class:`TooManyFailedAuthenticationsError` (429 with
+    ``Retry-After``: until its oldest counted failure leaves the window), whatever key it sends, so keys cannot be
+    guessed at speed. At most ``max_clients`` addresses are tracked (least recently failed dropped first).
+    Used from the event loop only (no lock).
+    """
+
+    def __init__(self, per_minute: int, window_s: float = 60.0, max_clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        if times is not None:
+            while times and now - times[0] >= self.window_s:
+                times.popleft()
+            if not times:
+                del self._failures[client]
+                return None
+        return times
+
+    def check(self, client: str) -> None:
+        if not self._failures:
+            return
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if times is not None and len(times) >= self.per_minute:
+            wait = self.window_s - (now - times[0])
+            raise TooManyFailedAuthenticationsError(
+                f"{len(times)} failed authentications from this address in the last {self.window_s:.0f} s; "
+                f"retry after {wait:.0f} s",
+                retry_after_s=wait,
+            )
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if times is None:
+            times = self._failures[client] = deque(maxlen=self.per_minute)
+        times.append(now)
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)

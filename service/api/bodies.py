@@ -62,6 +62,8 @@ def _json_body(body: bytes) -> ParsedBody:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError(f"body is not valid JSON: {exc}") from exc
+    except RecursionError:  # the C parser recurses per nesting level: 100,000 `[` exhaust the stack limit
+        raise BadRequestError("body is not valid JSON: nested too deeply") from None
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
         raise BadRequestError("JSON body must be {'instances': [{'b64': '<base64 image>'}, ...]}")

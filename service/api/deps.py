@@ -13,9 +13,10 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.auth import ApiKeys
+from service.api.auth import ApiKeys, FailureLimiter
 from service.engine.catalog import ModelCatalog
 from service.engine.served_model import ServedModel
+from service.errors import AuthenticationRequiredError, ForbiddenError
 from service.metrics import ServiceMetrics
 from service.settings import Settings, check_name
 from service.states.manager import StateManager
@@ -30,6 +31,7 @@ class ApiServices:
     states: StateManager
     metrics: ServiceMetrics
     keys: ApiKeys
+    auth_failures: FailureLimiter
 
 
 async def get_services(request: Request) -> ApiServices:
@@ -47,15 +49,26 @@ gets its own message)."""
 async def require_write(
     services: Services, request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """Writes always need a valid API key (401 without, 403 with a wrong one)."""
-    services.keys.check(request.headers.get("authorization"))
+    """Writes always need a valid API key (401 without, 403 with a wrong one, 429 after too many failures)."""
+    _check_key(services, request)
 
 
 async def require_read(services: Services, request: Request) -> None:
     """Reads need a key only when ``OOD_REQUIRE_AUTH_FOR_READ=true`` (then no schema is served). The header is
     read from the request, not declared as a parameter: nothing about it can fail validation."""
     if services.settings.require_auth_for_read:
+        _check_key(services, request)
+
+
+def _check_key(services: ApiServices, request: Request) -> None:
+    """The key check, rate-limited per client address: past the limit of failures even a good key waits."""
+    client = request.client.host if request.client is not None else "unknown"
+    services.auth_failures.check(client)
+    try:
         services.keys.check(request.headers.get("authorization"))
+    except (AuthenticationRequiredError, ForbiddenError):
+        services.auth_failures.failed(client)
+        raise
 
 
 WriteAccess = Annotated[None, Depends(require_write)]

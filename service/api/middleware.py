@@ -1,8 +1,12 @@
-"""ASGI middleware: request id (``X-Request-ID``), body-size limit, request metrics and one JSON access log line.
+"""ASGI middleware: request id (``X-Request-ID``), body-size limit and deadline, ``server`` header, request metrics
+and one JSON access log line.
 
 The body limit is enforced on the bytes actually received (``Content-Length`` is checked on the first read): an
 oversized body raises :class:`~service.errors.PayloadTooLargeError` inside the route, so it is answered through
-the app's exception table like every other error.
+the app's exception table like every other error. The body must also arrive at a minimum rate: all of it within
+``body_grace_s + max(Content-Length, bytes received) / body_min_rate`` seconds of the request's start, else
+:class:`~service.errors.RequestTimeoutReadingBodyError` (408, and the connection is closed). Together with the
+head deadline of :mod:`service.api.http_protocol` this bounds how long a slow client holds a connection.
 
 Request ids: an incoming printable ``X-Request-ID`` of 1-128 characters is kept (so a caller's id follows the
 request through the logs); otherwise the id is 32 hex digits, a random 64-bit prefix drawn once per process
@@ -12,6 +16,7 @@ than ``uuid4`` (which reads ``os.urandom`` on every request). Request ids are co
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -20,7 +25,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLargeError
+from service.errors import PayloadTooLargeError, RequestTimeoutReadingBodyError
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 
@@ -52,12 +57,25 @@ def _route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+SERVER_HEADER = (b"server", b"ood-serve")
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int, max_state_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        max_body_bytes: int,
+        max_state_bytes: int,
+        body_grace_s: float = 15.0,
+        body_min_rate: float = 256 * 1024,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_state_bytes = max_state_bytes
+        self.body_grace_s = body_grace_s
+        self.body_min_rate = body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,15 +94,29 @@ class RequestContextMiddleware:
         status = 500
         upload = scope["method"] == "PUT" and STATE_UPLOAD.fullmatch(scope["path"]) is not None
         limit = self.max_state_bytes if upload else self.max_body_bytes
+        expected = int(declared) if declared.isdigit() else 0
         received = 0
+        body_done = False
+        opened = asyncio.get_running_loop().time()
 
         async def limited_receive() -> Message:
-            nonlocal received
-            if declared.isdigit() and int(declared) > limit:
-                raise PayloadTooLargeError(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-            message = await receive()
+            nonlocal received, body_done
+            if expected > limit:
+                raise PayloadTooLargeError(f"request body of {expected} bytes exceeds the limit of {limit} bytes")
+            if body_done:  # e.g. waiting for a disconnect: no deadline
+                return await receive()
+            deadline = opened + self.body_grace_s + max(received, expected) / self.body_min_rate
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutReadingBodyError(
+                    f"the request body did not arrive in time ({received} bytes in {self.body_grace_s:.0f} s + "
+                    f"{self.body_min_rate / 1024:.0f} KiB/s)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
             return message
@@ -93,7 +125,11 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id.encode()),
+                    SERVER_HEADER,
+                ]
             await send(message)
 
         try:

@@ -3,24 +3,34 @@ the OpenAPI declaration of the error answers a route can give.
 
 Library and service code raise exceptions (:mod:`service.errors`, the batcher's, ``ood_core``'s); nothing but this
 table decides their status (in the spirit of KServe's ``exception_handlers``). An unexpected exception is a 500
-whose body names neither its type nor its message.
+whose body names neither its type nor its message, with ``Connection: close`` (the server drops the connection
+after it). Every ``detail`` goes through :class:`Redactor`: no memory address, object repr or server path leaves
+the server. A client that disconnected mid-body is logged as such and counted as 499 (nginx's "client closed
+request"), never as a server error.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ood_core.api import InvalidStateError
 from service import errors
 from service.engine.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 from service.logs import request_id_var
+from service.settings import Settings
 
 logger = logging.getLogger("service.app")
 PROBLEM_JSON = "application/problem+json"
@@ -56,7 +66,39 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
         BatcherClosedError: (503, "Service shutting down"),
         RequestTimeoutError: (504, "Request timed out in the batch queue"),
         errors.InsufficientStorageError: (507, None),
+        ClientDisconnect: (499, "Client closed request"),
     }
+
+
+CLOSES_CONNECTION = (408, 499)
+"""Statuses after which the connection is closed (the client is slow or gone), besides unexpected 500s."""
+
+
+class Redactor:
+    """Removes memory addresses, object reprs and server paths from a message."""
+
+    _OBJECT = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+    _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+    _PATH = re.compile(
+        r"(?<![\w.])/(?:usr|home|root|tmp|var|opt|etc|srv|mnt|work|proc|dev|lib|run|data|models)(?:/[^\s'\":,;)]*)?"
+    )
+
+    def __init__(self, prefixes: list[str]) -> None:
+        self.prefixes = sorted({p.rstrip("/") for p in prefixes if len(p.rstrip("/")) > 1}, key=len, reverse=True)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Redactor:
+        here = Path(__file__).resolve().parents[2]  # the source tree or site-packages holding service/
+        places = [str(settings.state_dir), sys.prefix, sys.base_prefix, os.getcwd(), tempfile.gettempdir()]
+        return cls([*places, str(Path.home()), str(here), *(str(m.weights) for m in settings.models if m.weights)])
+
+    def __call__(self, message: str) -> str:
+        for prefix in self.prefixes:
+            if prefix in message:
+                message = message.replace(prefix, "<server path>")
+        message = self._OBJECT.sub("<object>", message)
+        message = self._ADDRESS.sub("<address>", message)
+        return self._PATH.sub("<server path>", message)
 
 
 STATUS_DESCRIPTIONS: dict[int, str] = {
@@ -123,10 +165,10 @@ def _headers(exc: Exception) -> dict[str, str]:
     return headers
 
 
-def _handler(status: int | None, fixed_title: str | None = None, outermost: bool = False) -> Handler:
+def _handler(redact: Redactor, status: int | None, fixed_title: str | None = None, outermost: bool = False) -> Handler:
     """``status`` ``None``: the exception's own ``status_code`` (Starlette's HTTP errors) or 500. ``outermost``: the
     handler of unexpected exceptions, which Starlette runs outside every middleware, so it adds the request id
-    header itself."""
+    and server headers itself."""
 
     async def handle(request: Request, exc: Exception) -> Response:
         code = status if status is not None else int(getattr(exc, "status_code", 500))
@@ -137,14 +179,20 @@ def _handler(status: int | None, fixed_title: str | None = None, outermost: bool
         if unexpected:
             logger.error("unhandled error", exc_info=exc)
             title = "Internal server error"  # neither the exception's type nor its message leave the server
+        if isinstance(exc, ClientDisconnect):
+            logger.info("client disconnected before its request body was read", extra={"path": request.url.path})
         request_id = request_id_var.get() or getattr(request.state, "request_id", None)
         headers = _headers(exc)
-        if outermost and request_id:
-            headers["X-Request-ID"] = request_id
+        if outermost:
+            headers["Server"] = "ood-serve"
+            if request_id:
+                headers["X-Request-ID"] = request_id
+        if unexpected or code in CLOSES_CONNECTION:
+            headers["Connection"] = "close"
         return problem_response(
             code,
             str(title),
-            "internal error" if unexpected else _detail(exc),
+            "internal error" if unexpected else redact(_detail(exc)),
             request.url.path,
             request_id,
             headers,
@@ -153,9 +201,9 @@ def _handler(status: int | None, fixed_title: str | None = None, outermost: bool
     return handle
 
 
-def install_handlers(app: FastAPI) -> None:
+def install_handlers(app: FastAPI, redact: Redactor) -> None:
     """Register the table's handlers, Starlette's HTTP errors (404/405 of unknown routes) and the catch-all."""
     for exc_type, (status, title) in status_table().items():
-        app.add_exception_handler(exc_type, _handler(status, title))
-    app.add_exception_handler(StarletteHTTPException, _handler(None))
-    app.add_exception_handler(Exception, _handler(None, outermost=True))
+        app.add_exception_handler(exc_type, _handler(redact, status, title))
+    app.add_exception_handler(StarletteHTTPException, _handler(redact, None))
+    app.add_exception_handler(Exception, _handler(redact, None, outermost=True))

@@ -38,6 +38,18 @@ class StateManager:
         logger.info("detector installed", extra={"model": model.name, "detector": name, "version": stored.version})
         return active
 
+    def install_file(self, model: ServedModel, name: str, path: Path) -> ActiveDetector:
+        """:meth:`install` of an upload file (:meth:`StateStore.upload`), loaded from disk and then renamed into
+        place: memory holds the loaded tensors, never the file's bytes too (blocking: call in a thread)."""
+        check_name("detector", name)
+        detector = build_detector(model, path)
+        with self.write_lock:
+            stored = self.store.put_file(model.name, name, path, type(detector).__name__)
+            active = ActiveDetector(name=name, detector=detector, stored=stored)
+            model.detectors = {**model.detectors, name: active}
+        logger.info("detector installed", extra={"model": model.name, "detector": name, "version": stored.version})
+        return active
+
     def remove(self, model: ServedModel, name: str) -> None:
         """Delete the stored state and stop serving it (blocking)."""
         check_name("detector", name)

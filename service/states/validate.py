@@ -9,6 +9,7 @@ batch worker far longer than one forward.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def external_modules(model: ServedModel, cls: type[Detector], kind: str) -> dict
     return {n: nets.get(n) for n in cls.external_modules}
 
 
-def build_detector(model: ServedModel, data: bytes) -> Detector:
+def build_detector(model: ServedModel, data: bytes | Path) -> Detector:
     """Parse, validate against ``model``, load onto the model's device and smoke-test a state.
 
     Raises :class:`InvalidStateError` (422, with the reason) or :class:`UnservableDetectorError` (422).

@@ -32,6 +32,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import Settings, load_settings
 
 API_KEY = "test-key-0123456789"
@@ -178,7 +179,7 @@ def serve(settings: Settings) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 (free port) in a background thread; yields its base URL once ready."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn_config(create_app(settings), settings, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import uvicorn
 from pydantic import ValidationError
 
 import service.__main__ as entry
@@ -129,10 +130,23 @@ def test_entry_point_passes_host_port_and_config_file(tmp_path: Path, monkeypatc
     config = tmp_path / "serve.yaml"
     config.write_text(f"state_dir: {tmp_path / 'states'}\nmax_batch_size: 3\napi_keys: file-key\nlog_json: true\n")
     served: dict[str, object] = {}
-    monkeypatch.setattr(entry.uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+
+    class FakeServer:
+        started = True
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            served.update(app=config.app, host=config.host, port=config.port, config=config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(entry.uvicorn, "Server", FakeServer)
     monkeypatch.setattr(entry.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     entry.main(["--host", "0.0.0.0", "--port", "9123", "--config", str(config)])
     assert (served["host"], served["port"]) == ("0.0.0.0", 9123)
+    uvicorn_config = served["config"]
+    assert isinstance(uvicorn_config, uvicorn.Config) and uvicorn_config.server_header is False
+    assert uvicorn_config.http.__name__ == "GuardedHttpToolsProtocol"  # type: ignore[union-attr]
     settings = served["app"].state.context.settings  # type: ignore[attr-defined]
     assert settings.max_batch_size == 3 and settings.state_dir == tmp_path / "states"
     assert served["app"].state.services.keys.matches("file-key")  # type: ignore[attr-defined]

@@ -156,7 +156,10 @@ def test_sigterm_under_load_answers_accepted_requests_and_exits_zero(tmp_path: P
             asyncio.run(load_until_shutdown(process, url, model["name"], noise_png(height, width)))
             assert process.wait(EXIT_TIMEOUT_S) == 0
             check_json_logs(log_path.read_text(errors="replace"))
-            assert {p.name for p in (tmp_path / "states").iterdir() if not p.name.startswith(".")} == {"digits", "digits-seg"}
+            assert {p.name for p in (tmp_path / "states").iterdir() if not p.name.startswith(".")} == {
+                "digits",
+                "digits-seg",
+            }
         except BaseException:
             print(log_path.read_text(errors="replace")[-4000:])
             raise

@@ -8,20 +8,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.bodies import media_type
 from service.api.deps import DetectorName, Model, ReadAccess, Services, WriteAccess
-from service.api.multipart import parse_multipart
 from service.api.problems import problem_responses
 from service.api.schemas import STATE_BODY, DetectorInfo, DetectorList
+from service.api.uploads import stream_state
 from service.engine.active import ActiveDetector
-from service.errors import BadRequestError, DetectorNotFoundError, UnsupportedMediaTypeError
+from service.errors import DetectorNotFoundError
 
 router = APIRouter(prefix="/v1/models/{model}/detectors", tags=["detectors"])
 STATE_MEDIA_TYPE = "application/octet-stream"
 WRITTEN: dict[int | str, dict[str, Any]] = {
     200: {"model": DetectorInfo, "description": "Replaced the active state of that name"},
     201: {"model": DetectorInfo, "description": "Created a new detector"},
-    **problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
+    **problem_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 507),
 }
 """Answers of a write that installs a state (upload, fit)."""
 
@@ -53,22 +52,6 @@ async def list_detectors(_: ReadAccess, model: Model) -> DetectorList:
     return DetectorList(model=model.name, detectors=[detector_info(a) for _, a in sorted(model.detectors.items())])
 
 
-async def _state_bytes(request: Request) -> bytes:
-    kind = media_type(request)
-    if kind == "multipart/form-data":
-        parts = parse_multipart(await request.body(), request.headers.get("content-type", ""))
-        upload = next((p for p in parts if p.name in ("file", "state") and p.is_file), None)
-        if upload is None:
-            raise BadRequestError("multipart upload needs the state in a 'file' part")
-        return upload.data
-    if kind in ("", "application/octet-stream", "application/x-safetensors"):  # no type: the raw state file
-        return await request.body()
-    raise UnsupportedMediaTypeError(
-        f"content type {kind or '(none)'!r} is not accepted; send the safetensors state as "
-        "application/octet-stream or as a multipart 'file' part"
-    )
-
-
 @router.put(
     "/{name}",
     openapi_extra=STATE_BODY,
@@ -80,10 +63,14 @@ async def upload_detector(
     _: WriteAccess, model: Model, name: DetectorName, request: Request, services: Services
 ) -> JSONResponse:
     """Upload a state saved by ``ood_core.state.save_detector``; validated against the model before it
-    replaces the active one (422 with the reason otherwise). 201 when new, 200 when replacing."""
-    data = await _state_bytes(request)
-    existed = name in model.detectors
-    active = await run_in_threadpool(services.states.install, model, name, data)
+    replaces the active one (422 with the reason otherwise). 201 when new, 200 when replacing. The body streams
+    into a file on the state volume (:mod:`service.api.uploads`), which is loaded from there and renamed into
+    place; a refused or interrupted upload leaves nothing (507 when the volume is full)."""
+    store = services.states.store
+    with store.upload() as upload:
+        await stream_state(request, upload.file)
+        existed = name in model.detectors
+        active = await run_in_threadpool(services.states.install_file, model, name, upload.path)
     return written(active, existed)
 
 
@@ -115,7 +102,10 @@ async def download_detector(_: ReadAccess, model: Model, name: DetectorName, ser
     "/{name}",
     status_code=204,
     response_class=Response,
-    responses={204: {"description": "Deleted with all its versions"}, **problem_responses(401, 403, 404, 422, 503)},
+    responses={
+        204: {"description": "Deleted with all its versions"},
+        **problem_responses(401, 403, 404, 422, 429, 503),
+    },
 )
 async def delete_detector(_: WriteAccess, model: Model, name: DetectorName, services: Services) -> Response:
     if name not in model.detectors:

@@ -22,7 +22,7 @@ from service.engine.maps import MapFormat, MapSize, map_sizes
 from service.engine.served_model import ServedModel
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
-SCORING_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 503, 504)
+SCORING_ERRORS = problem_responses(400, 404, 408, 413, 415, 422, 429, 503, 504)
 
 
 class Scored(NamedTuple):

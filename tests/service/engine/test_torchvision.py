@@ -128,7 +128,9 @@ def test_torchvision_segmentation_model(app: AppRunner) -> None:
         app.put("/v1/models/seg/detectors/energy", content=save_detector(EnergyBased()), headers=headers).status_code
         == 201
     )
-    response = app.post("/v1/models/seg/segment?format=json", files=[("files", ("x.png", rgb(2, (30, 20))))])
+    response = app.post(
+        "/v1/models/seg/segment?format=json&size=original", files=[("files", ("x.png", rgb(2, (30, 20))))]
+    )
     assert response.status_code == 200, response.text
     energy = response.json()["results"][0]["detectors"]["energy"]
     assert np.asarray(energy["map"]["data"]).shape == (30, 20)

@@ -1,0 +1,320 @@
+"""Schemathesis against the live ``/openapi.json`` of a real server (uvicorn over HTTP, ``serve(...)``).
+
+Every operation of the schema is fuzzed with ALL of schemathesis' checks (the defaults of
+``case.call_and_validate()``: ``not_a_server_error``, ``status_code_conformance``, ``content_type_conformance``,
+``response_schema_conformance``, ``response_headers_conformance``, ``positive_data_acceptance``,
+``negative_data_rejection``, ``missing_required_header``, ``unsupported_method``, ``allow_header_conformance``,
+``ignored_auth``, ... ; none is excluded or relaxed), once without a key and once with
+``Authorization: Bearer <API_KEY>`` (so that the write routes get past auth). Failures are asserted strictly.
+
+Destructive operations: the write operations (``PUT`` / ``DELETE`` of a detector state and ``POST .../fit``) never
+reach the server of the read operations (``reads_url``; it serves everything else, the state download
+``GET .../detectors/{name}`` included). They run against servers of their own, each with its own copy of the demo
+states: ``writes_url`` without a key (the failed-auth limiter as configured: its 429s are checked too) and
+``writes_key_url`` with the key (its limiter raised: ``ignored_auth`` probes every success without a key and with
+a wrong one, and the no-key run alone passes 30 failures a minute, so one shared limiter would answer the key run
+with 429 only). A fuzzed upload, delete or fit may replace or remove any demo detector there without changing what
+the read operations see.
+
+Generation is steered towards the real API so that the success paths are reached, not only the 404/422 of random
+names; the steering is shared with ``bench/fuzz.sh`` (the same fuzzing with the schemathesis CLI at a large
+example count, :data:`CONFIG_TOML` and :func:`map_case`):
+
+* path and query parameters: schemathesis *dictionaries* (:data:`CONFIG_TOML`) draw the demo's model names
+  (``digits`` for ``/score``, ``digits-seg`` for ``/segment``), detector names and ``?detectors=`` lists with
+  probability 0.8 / 0.5; the rest is generated from the schema as usual. Dictionaries are mode-aware: a value is
+  used in negative cases only where it violates the schema, so negative cases stay negative.
+* bodies (:func:`map_case`, only where schemathesis generated the body in *positive* mode, i.e. claims it is
+  valid): the images (multipart ``files`` or JSON ``instances[].b64``) are replaced by real PNGs, upload bodies by
+  a real state file of that model (downloaded from the read server), and ``/fit`` bodies get labels that match
+  the images, a detector class that model can fit without a fit step, ``hparams={}`` and ``calibration_share
+  =0.5``. The schema cannot say "a decodable image" or "a valid state file", so without this every positive body
+  is rejected with 422 and ``positive_data_acceptance`` would test nothing. Structure that the schema does
+  describe (empty or oversized lists, missing optional parts, extra properties, query values) is left as
+  generated, so the checks still see schema-valid requests the server refuses.
+
+CI size: ``max_examples=15`` per operation and test in the fuzzing phase, plus schemathesis' examples and coverage
+phases (the pytest integration runs no stateful phase; ``bench/fuzz.sh`` does, for the reads), Hypothesis
+derandomized (``derandomize=True``, no example database) so a run is reproducible, ``deadline=None`` and the
+``too_slow`` health check suppressed (a shared 2-core machine). 15 s while operations fail early (Hypothesis stops an
+operation at its first failure and shrinks it); budgeted at under 90 s once they all pass.
+
+Compatibility note: ``schemathesis.pytest.from_fixture`` (4.32.5) reads ``request.node._nodeid``, which pytest 9.2
+renamed (``Node._id``); the function-scoped schema fixtures below set that attribute first (:func:`_nodeid_shim`).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import Case, GenerationMode, HookContext
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.specs.openapi.schemas import OpenApiSchema
+
+from service.settings import Settings, load_settings
+from tests.service.conftest import API_KEY, AUTH, noise_png, png_bytes, serve
+
+pytestmark = pytest.mark.timeout(300)
+
+MAX_EXAMPLES = 15
+REQUEST_TIMEOUT_S = 30.0
+HYPOTHESIS_SETTINGS = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+CLASSIFIER, SEGMENTER = "digits", "digits-seg"
+STATE_SOURCES = {CLASSIFIER: "msp", SEGMENTER: "energy"}
+"""The demo detector whose state is uploaded in positive ``PUT`` cases, per model."""
+FIT_CLASSES = {
+    CLASSIFIER: ["MaxSoftmax", "EnergyBased", "MaxLogit", "Entropy"],
+    SEGMENTER: ["EnergyBased", "Entropy", "MaxLogit"],
+}
+"""Detector classes without a fit step that the model can serve (positive ``/fit`` cases)."""
+
+CONFIG_TOML = f"""
+[dictionaries.models]
+values = ["{CLASSIFIER}", "{SEGMENTER}"]
+
+[dictionaries.classifiers]
+values = ["{CLASSIFIER}"]
+
+[dictionaries.segmenters]
+values = ["{SEGMENTER}"]
+
+[dictionaries.detectors]
+values = ["mahalanobis", "knn", "msp", "energy", "entropy", "maxlogit", "fuzzed-1", "fuzzed.2"]
+
+[dictionaries.detector-lists]
+values = ["mahalanobis", "msp,energy", "knn,mahalanobis,msp,energy", "energy,entropy,maxlogit", "entropy", "nope"]
+
+[parameters]
+"path.model" = {{ dictionary = "models", probability = 0.8 }}
+"path.name" = {{ dictionary = "detectors", probability = 0.8 }}
+"query.detectors" = {{ dictionary = "detector-lists", probability = 0.5 }}
+
+[[operations]]
+include-path-regex = "/score$"
+parameters = {{ "path.model" = {{ dictionary = "classifiers", probability = 0.8 }} }}
+
+[[operations]]
+include-path-regex = "/segment$"
+parameters = {{ "path.model" = {{ dictionary = "segmenters", probability = 0.8 }} }}
+"""
+"""Schemathesis configuration shared with ``bench/fuzz.sh`` (which writes it to a ``schemathesis.toml``)."""
+
+
+# ---------------------------------------------------------------------------------------------- steering
+def _images() -> list[bytes]:
+    """Real PNGs of a few sizes and kinds (grayscale, RGB, not square), decodable by the service."""
+    import numpy as np
+
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    return [noise_png(0), noise_png(1, size=64), png_bytes(rgb), noise_png(2, size=17)]
+
+
+IMAGES: list[bytes] = _images()
+STATES: dict[str, bytes] = {}
+"""A valid state file per model name (for positive ``PUT`` cases); filled by :func:`load_states`."""
+
+
+def load_states(url: str) -> None:
+    """Download one state per demo model from the server at ``url`` into :data:`STATES`."""
+    for model, detector in STATE_SOURCES.items():
+        response = httpx.get(f"{url}/v1/models/{model}/detectors/{detector}", timeout=REQUEST_TIMEOUT_S)
+        response.raise_for_status()
+        STATES[model] = response.content
+
+
+def _positive_body(case: Case) -> bool:
+    meta = case.meta
+    if meta is None or not isinstance(case.body, dict | bytes | str):
+        return False
+    component = meta.components.get(ParameterLocation.BODY)
+    mode = component.mode if component is not None else meta.generation.mode
+    return mode == GenerationMode.POSITIVE
+
+
+def _steer_images(case: Case, fit_model: str | None) -> None:
+    body = case.body
+    assert isinstance(body, dict)
+    if case.media_type == "application/json":
+        instances = body.get("instances")
+        if not isinstance(instances, list):
+            return
+        if fit_model is not None and len(instances) == 1:
+            instances.append(dict(instances[0]))  # a calibration split needs two ID images
+        for index, instance in enumerate(instances):
+            if isinstance(instance, dict):
+                instance["b64"] = base64.b64encode(IMAGES[index % len(IMAGES)]).decode()
+                if fit_model is not None:
+                    instance["label"] = index % 6
+        if fit_model is not None:
+            body.update(detector_class=FIT_CLASSES[fit_model][len(instances) % len(FIT_CLASSES[fit_model])])
+            body.update(hparams={}, calibration_share=0.5)
+    elif case.media_type is not None and case.media_type.startswith("multipart/"):
+        files = body.get("files")
+        if not isinstance(files, list):
+            return
+        if fit_model is not None and len(files) == 1:
+            files.append(files[0])
+        body["files"] = [IMAGES[index % len(IMAGES)] for index in range(len(files))]
+        if fit_model is not None:
+            body["labels"] = ",".join(str(index % 6) for index in range(len(files)))
+            body["detector_class"] = FIT_CLASSES[fit_model][len(files) % len(FIT_CLASSES[fit_model])]
+            body.update(hparams="{}", calibration_share=0.5)
+
+
+def map_case(context: HookContext, case: Case) -> Case:
+    """Make the body of a positive case what the schema means but cannot say: real images, a real state file, a
+    fit request that can succeed (see the module docstring). Negative cases are left alone."""
+    if not _positive_body(case):
+        return case
+    operation = case.operation
+    model = (case.path_parameters or {}).get("model")
+    if operation.path.endswith(("/score", "/segment")):
+        _steer_images(case, fit_model=None)
+    elif operation.path.endswith("/fit"):
+        _steer_images(case, fit_model=model if model in FIT_CLASSES else None)
+    elif operation.method.upper() == "PUT" and model in STATES:
+        if isinstance(case.body, dict) and "file" in case.body:
+            case.body["file"] = STATES[model]
+        elif isinstance(case.body, bytes | str):
+            case.body = STATES[model]
+    # The steered body is what generation produced, not a later edit: without this schemathesis would revalidate
+    # it, and a body holding binary parts (multipart files, a state file) cannot be validated and would be relabelled
+    # negative, making negative_data_rejection expect a refusal of a valid request. Private API of schemathesis 4.
+    case._record_starting_state()
+    return case
+
+
+def is_write(ctx: Any) -> bool:
+    """The operations that change detector states (run against the write server only)."""
+    operation = ctx.operation
+    return operation.method.upper() in ("PUT", "DELETE") or operation.path.endswith("/fit")
+
+
+# ---------------------------------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def reads_url(module_settings: Settings) -> Iterator[str]:
+    """The server of the read operations: no write ever reaches it."""
+    with serve(module_settings) as url:
+        load_states(url)
+        yield url
+
+
+def _copy_states(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    states = tmp_path_factory.mktemp(name)
+    shutil.copytree(demo_state_dir, states, dirs_exist_ok=True)
+    return states
+
+
+@pytest.fixture(scope="module")
+def writes_url(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server of the write operations without a key, with its own copy of the demo states (and the failed-auth
+    limiter as configured by default: its 429s are part of what is checked)."""
+    states = _copy_states(demo_state_dir, tmp_path_factory, "write-states")
+    with serve(load_settings(state_dir=states, api_keys=API_KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def writes_key_url(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server of the write operations with the key: its own states, and the failed-auth limiter raised, since
+    ``ignored_auth`` probes every success without a key and with a wrong one, which would lock 127.0.0.1 out."""
+    states = _copy_states(demo_state_dir, tmp_path_factory, "write-key-states")
+    overrides: dict[str, Any] = {"state_dir": states, "api_keys": API_KEY}
+    if "auth_failures_per_minute" in Settings.model_fields:
+        overrides["auth_failures_per_minute"] = 1_000_000
+    with serve(load_settings(**overrides)) as url:
+        yield url
+
+
+def load_schema(url: str) -> OpenApiSchema:
+    """The server's live schema with :data:`CONFIG_TOML` and the :func:`map_case` hook."""
+    schema = schemathesis.openapi.from_url(
+        f"{url}/openapi.json", config=schemathesis.Config.from_str(CONFIG_TOML), timeout=REQUEST_TIMEOUT_S
+    )
+    schema.config.update(base_url=url)
+    schema.hook(map_case)
+    return schema
+
+
+def _nodeid_shim(request: pytest.FixtureRequest) -> None:
+    """schemathesis 4.32.5's lazy schemas read and restore ``node._nodeid`` (pytest < 9.2's attribute)."""
+    if not hasattr(request.node, "_nodeid"):
+        request.node._nodeid = request.node.nodeid
+
+
+@pytest.fixture(scope="module")
+def _reads_schema(reads_url: str) -> OpenApiSchema:
+    return load_schema(reads_url)
+
+
+@pytest.fixture(scope="module")
+def _writes_schema(writes_url: str) -> OpenApiSchema:
+    return load_schema(writes_url)
+
+
+@pytest.fixture(scope="module")
+def _writes_key_schema(writes_key_url: str) -> OpenApiSchema:
+    return load_schema(writes_key_url)
+
+
+@pytest.fixture
+def reads_schema(request: pytest.FixtureRequest, _reads_schema: OpenApiSchema) -> OpenApiSchema:
+    _nodeid_shim(request)
+    return _reads_schema
+
+
+@pytest.fixture
+def writes_schema(request: pytest.FixtureRequest, _writes_schema: OpenApiSchema) -> OpenApiSchema:
+    _nodeid_shim(request)
+    return _writes_schema
+
+
+@pytest.fixture
+def writes_key_schema(request: pytest.FixtureRequest, _writes_key_schema: OpenApiSchema) -> OpenApiSchema:
+    _nodeid_shim(request)
+    return _writes_key_schema
+
+
+reads = schemathesis.pytest.from_fixture("reads_schema").exclude(is_write)
+writes = schemathesis.pytest.from_fixture("writes_schema").include(is_write)
+writes_with_key = schemathesis.pytest.from_fixture("writes_key_schema").include(is_write)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@reads.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_reads_without_key(case: Case) -> None:
+    case.call_and_validate(timeout=REQUEST_TIMEOUT_S)
+
+
+@reads.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_reads_with_key(case: Case) -> None:
+    case.call_and_validate(headers=AUTH, timeout=REQUEST_TIMEOUT_S)
+
+
+@writes.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_writes_without_key(case: Case) -> None:
+    case.call_and_validate(timeout=REQUEST_TIMEOUT_S)
+
+
+@writes_with_key.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_writes_with_key(case: Case) -> None:
+    case.call_and_validate(headers=AUTH, timeout=REQUEST_TIMEOUT_S)
