@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, models, detectors, score, segment, fit):
         app.include_router(module.router)
-    install_schema(app)
+    install_schema(app, settings.max_images_per_request, settings.max_fit_images)
     if not hide_schema:
         install_docs(app, OPENAPI_URL)
     return app

@@ -35,7 +35,8 @@ class BadRequestError(ServiceError):
 
 
 class WrongTaskError(ServiceError):
-    """The route does not apply to the model's task (e.g. ``/segment`` on a classifier)."""
+    """The route does not apply to the model's task (e.g. ``/segment`` on a classifier): there is no such
+    resource for that model (404)."""
 
     title = "Route not available for this model"
 

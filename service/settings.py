@@ -21,14 +21,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.errors import InvalidNameError
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""Model and detector names: letters, digits, ``_ . -``, not starting with a dot (no path traversal)."""
+NAME_REGEX = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+"""Model and detector names: letters, digits, ``_ . -``, starting with a letter or digit, never two dots in a row
+(no path traversal); 1-64 characters. Written without look-arounds, so the same pattern serves Python, pydantic
+and the JSON Schema of ``/openapi.json``."""
+NAME_PATTERN = re.compile(NAME_REGEX)
+NAME_MAX_LENGTH = 64
 
 Size = tuple[int, int]
 
 
 def is_valid_name(name: str) -> bool:
-    return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name  # fullmatch: "$" would accept a final "\n"
+    # fullmatch (not match): "$" alone would accept a final "\n"
+    return len(name) <= NAME_MAX_LENGTH and bool(NAME_PATTERN.fullmatch(name)) and ".." not in name
 
 
 def check_name(kind: str, name: str) -> str:

@@ -79,9 +79,10 @@ class ApiKeys:
 class FailureLimiter:
     """Failed authentications per client address in a sliding window of one minute.
 
-    Past ``per_minute`` failures an address gets :class:`TooManyFailedAuthenticationsError` (429 with
-    ``Retry-After``: until its oldest counted failure leaves the window), whatever key it sends, so keys cannot be
-    guessed at speed. At most ``max_clients`` addresses are tracked (least recently failed dropped first).
+    Past ``per_minute`` failures (wrong keys; a request with no key guesses nothing and is not counted, so keyless
+    clients behind one address cannot lock out a client with the key) an address gets
+    :class:`TooManyFailedAuthenticationsError` (429 with ``Retry-After``: until its oldest counted failure leaves
+    the window), whatever key it sends, so keys cannot be guessed at speed. At most ``max_clients`` addresses are tracked (least recently failed dropped first).
     Used from the event loop only (no lock).
     """
 

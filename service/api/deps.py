@@ -16,9 +16,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.api.auth import ApiKeys, FailureLimiter
 from service.engine.catalog import ModelCatalog
 from service.engine.served_model import ServedModel
-from service.errors import AuthenticationRequiredError, ForbiddenError
+from service.errors import ForbiddenError
 from service.metrics import ServiceMetrics
-from service.settings import Settings, check_name
+from service.settings import NAME_MAX_LENGTH, NAME_REGEX, Settings, check_name
 from service.states.manager import StateManager
 
 
@@ -66,7 +66,7 @@ def _check_key(services: ApiServices, request: Request) -> None:
     services.auth_failures.check(client)
     try:
         services.keys.check(request.headers.get("authorization"))
-    except (AuthenticationRequiredError, ForbiddenError):
+    except ForbiddenError:  # a wrong key: a guess
         services.auth_failures.failed(client)
         raise
 
@@ -75,14 +75,27 @@ WriteAccess = Annotated[None, Depends(require_write)]
 ReadAccess = Annotated[None, Depends(require_read)]
 
 
-async def get_model(services: Services, model: Annotated[str, Path(description="model name")]) -> ServedModel:
+NAME_DOC = "letters, digits, '_', '.', '-'; starting with a letter or digit; no '..'"
+
+
+async def get_model(
+    services: Services,
+    model: Annotated[
+        str, Path(description=f"model name ({NAME_DOC})", pattern=NAME_REGEX, min_length=1, max_length=NAME_MAX_LENGTH)
+    ],
+) -> ServedModel:
     return services.catalog.get(model)
 
 
 Model = Annotated[ServedModel, Depends(get_model)]
 
 
-async def get_detector_name(name: Annotated[str, Path(description="detector name")]) -> str:
+async def get_detector_name(
+    name: Annotated[
+        str,
+        Path(description=f"detector name ({NAME_DOC})", pattern=NAME_REGEX, min_length=1, max_length=NAME_MAX_LENGTH),
+    ],
+) -> str:
     return check_name("detector", name)
 
 
@@ -92,10 +105,11 @@ DetectorName = Annotated[str, Depends(get_detector_name)]
 async def parse_detectors(
     detectors: Annotated[str | None, Query(description="comma-separated detector names (default: all)")] = None,
 ) -> list[str] | None:
-    """``?detectors=a,b`` -> ``["a", "b"]`` (``None``: every active detector)."""
+    """``?detectors=a,b`` -> ``["a", "b"]`` (``None``: every active detector). A name no detector can have is
+    just not found (404): these names are only looked up, never used as paths."""
     if detectors is None or not detectors.strip():
         return None
-    return [check_name("detector", d.strip()) for d in detectors.split(",") if d.strip()]
+    return [d.strip() for d in detectors.split(",") if d.strip()]
 
 
 DetectorSelection = Annotated[list[str] | None, Depends(parse_detectors)]

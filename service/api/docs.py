@@ -28,8 +28,23 @@ ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 """``swagger-ui-bundle.js``, ``swagger-ui.css``, ``redoc.standalone.js``, ``favicon.png``."""
 
 
-def install_schema(app: FastAPI) -> None:
-    """Generate the schema once, on first request, with :data:`BODY_MODELS` in ``components.schemas``."""
+def _limit_images(schema: dict[str, Any], max_images: int, max_fit_images: int) -> None:
+    """``maxItems`` of the image lists, from the settings (413 past them)."""
+    for path, operations in schema["paths"].items():
+        limit = max_fit_images if path.endswith("/fit") else max_images
+        for operation in operations.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            files = form.get("schema", {}).get("properties", {}).get("files")
+            if files is not None:
+                files["maxItems"] = limit
+    components = schema["components"]["schemas"]
+    components["InstancesBody"]["properties"]["instances"]["maxItems"] = max_images
+    components["FitBody"]["properties"]["instances"]["maxItems"] = max_fit_images
+
+
+def install_schema(app: FastAPI, max_images: int, max_fit_images: int) -> None:
+    """Generate the schema once, on first request, with :data:`BODY_MODELS` in ``components.schemas`` and the
+    image-count limits of the settings."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -46,6 +61,7 @@ def install_schema(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in extra.get("$defs", {}).items():
                 components.setdefault(name, definition)
+            _limit_images(schema, max_images, max_fit_images)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -30,7 +30,7 @@ from ood_core.api import InvalidStateError
 from service import errors
 from service.engine.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 from service.logs import request_id_var
-from service.settings import Settings
+from service.settings import Settings, check_name
 
 logger = logging.getLogger("service.app")
 PROBLEM_JSON = "application/problem+json"
@@ -55,7 +55,7 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
         errors.UnsupportedMediaTypeError: (415, None),
         errors.InvalidNameError: (422, None),
         errors.ImageDecodeError: (422, None),
-        errors.WrongTaskError: (422, None),
+        errors.WrongTaskError: (404, None),
         errors.UnservableDetectorError: (422, None),
         InvalidStateError: (422, "Invalid detector state"),
         RequestValidationError: (422, "Invalid request parameters"),
@@ -147,12 +147,22 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+NAME_PARAMETERS = {"model": "model", "name": "detector"}
+"""Path parameters that are names: a pattern mismatch is explained in words, not as the regular expression."""
+
+
 def _detail(exc: Exception) -> str:
     if isinstance(exc, RequestValidationError):
         parts = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            parts.append(f"{where}: {err.get('msg')}")
+            loc = tuple(err.get("loc", ()))
+            if len(loc) == 2 and loc[0] == "path" and loc[1] in NAME_PARAMETERS:
+                try:
+                    check_name(NAME_PARAMETERS[str(loc[1])], str(err.get("input", "")))
+                except errors.InvalidNameError as invalid:
+                    parts.append(str(invalid))
+                    continue
+            parts.append(f"{'.'.join(str(p) for p in loc)}: {err.get('msg')}")
         return "; ".join(parts) or "invalid request"
     return str(getattr(exc, "detail", None) or exc) or type(exc).__name__
 
@@ -173,8 +183,11 @@ def _handler(redact: Redactor, status: int | None, fixed_title: str | None = Non
     async def handle(request: Request, exc: Exception) -> Response:
         code = status if status is not None else int(getattr(exc, "status_code", 500))
         title = fixed_title or getattr(exc, "title", None) or type(exc).__name__
+        headers = _headers(exc)
         if status is None and isinstance(exc, StarletteHTTPException):
             title = {404: "Not found", 405: "Method not allowed"}.get(code, "HTTP error")
+            if code == 405:  # Starlette names the methods of the first matching route only
+                headers["Allow"] = ", ".join(allowed_methods(request))
         unexpected = code >= 500 and status is None
         if unexpected:
             logger.error("unhandled error", exc_info=exc)
@@ -182,7 +195,6 @@ def _handler(redact: Redactor, status: int | None, fixed_title: str | None = Non
         if isinstance(exc, ClientDisconnect):
             logger.info("client disconnected before its request body was read", extra={"path": request.url.path})
         request_id = request_id_var.get() or getattr(request.state, "request_id", None)
-        headers = _headers(exc)
         if outermost:
             headers["Server"] = "ood-serve"
             if request_id:
@@ -199,6 +211,17 @@ def _handler(redact: Redactor, status: int | None, fixed_title: str | None = Non
         )
 
     return handle
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at this request's path."""
+    path = request.url.path
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        pattern, served = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if pattern is not None and served and pattern.match(path):
+            methods.update(served)
+    return sorted(methods)
 
 
 def install_handlers(app: FastAPI, redact: Redactor) -> None:

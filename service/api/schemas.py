@@ -154,7 +154,7 @@ class Instance(BaseModel):
 class InstancesBody(BaseModel):
     """JSON image body of ``/score`` and ``/segment``."""
 
-    instances: list[Instance]
+    instances: list[Instance] = Field(min_length=1)
 
 
 class LabelledInstance(Instance):
@@ -167,7 +167,7 @@ class FitBody(BaseModel):
     detector_class: str = Field(description="an ood_core detector class, e.g. Mahalanobis")
     hparams: dict[str, object] = Field(default_factory=dict, description="constructor arguments")
     calibration_share: float | None = Field(None, gt=0, lt=1, description="share of ID images held out")
-    instances: list[LabelledInstance]
+    instances: list[LabelledInstance] = Field(min_length=2, description="at least one image to fit, one to calibrate")
 
 
 IMAGES_BODY: dict[str, object] = {
@@ -177,7 +177,9 @@ IMAGES_BODY: dict[str, object] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
                     "required": ["files"],
                 }
             },
@@ -195,7 +197,7 @@ FIT_BODY: dict[str, object] = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 2},
                         "labels": {"type": "string", "description": "comma-separated class indices, < 0 = OOD"},
                         "detector_class": {"type": "string"},
                         "hparams": {"type": "string", "description": "JSON object"},
@@ -215,7 +217,11 @@ STATE_BODY: dict[str, object] = {
         "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
             },
         },
     }

@@ -27,7 +27,7 @@ MapFormat = Literal["png", "npy", "json"]
 MapSize = Literal["input", "original"] | tuple[int, int]
 BYTES_PER_PIXEL: dict[str, float] = {"png": 2 * 4 / 3, "npy": 2 * 4 / 3, "json": 24.0}
 """Upper estimates of the encoded bytes per map pixel: 16 bits, base64; a float32 written as JSON ``-0.123...,``."""
-_EXPLICIT = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+_EXPLICIT = re.compile(r"([1-9][0-9]{0,3})x([1-9][0-9]{0,3})")
 
 
 def parse_map_size(value: str) -> MapSize:

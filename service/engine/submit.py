@@ -73,8 +73,11 @@ def resolve_detectors(model: ServedModel, names: list[str] | None) -> tuple[Acti
         return tuple(active[name] for name in sorted(active))
     unknown = [n for n in names if n not in active]
     if unknown:
+        shown = ", ".join(repr(n[:64]) for n in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
         raise DetectorNotFoundError(
-            f"model {model.name!r} has no detector(s) {', '.join(unknown)}; active: {', '.join(sorted(active)) or '(none)'}"
+            f"model {model.name!r} has no detector(s) {shown}; active: {', '.join(sorted(active)) or '(none)'}"
         )
     return tuple(active[name] for name in dict.fromkeys(names))
 

@@ -25,8 +25,7 @@ from service.errors import BadRequestError
 
 
 def check_threshold_params(threshold: float | None, tpr: float | None) -> None:
-    if threshold is not None and tpr is not None:
-        raise BadRequestError("give either 'threshold' or 'tpr', not both")
+    """``?threshold=`` must be finite, ``?tpr=`` in (0, 1]; with both, ``threshold`` applies (as documented)."""
     if tpr is not None and not 0.0 < tpr <= 1.0:
         raise BadRequestError(f"'tpr' must be in (0, 1], got {tpr}")
     if threshold is not None and not math.isfinite(threshold):

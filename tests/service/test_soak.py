@@ -3,13 +3,14 @@ against a ``python -m service`` subprocess, one client per virtual user, closed 
 
 Asserted from its JSON result: every request got a designed answer (its success status, or 429 / 503 / 504) and no
 request raised; the server stayed up; open file descriptors and threads were flat after the warm-up (max - min
-within ``bench/soak.py``'s defaults: 8 fds, 8 threads). The script's own exit status is not asserted as a whole:
-its RSS criterion (under 5% growth between the first and the last minute after a 20% warm-up) is meant for runs of
-minutes. In 30 s the windows are a few seconds long, right after start-up, when the allocator, torch and the caches
-are still settling, so a 5% bound would be noise either way. What this test asserts about memory is honest for its
-length: after a 10 s warm-up (``--warmup-share 0.33``), the median RSS of the last window is under 15% above that of
-the first one, which catches a leak of roughly 5 MB/s or more and nothing finer. ``docs/reliability.md`` has the
-5-minute figures.
+within ``bench/soak.py``'s defaults: 8 fds, 16 threads; see its docstring).
+
+Memory: the script's own criterion (under 5% RSS growth between the first and the last minute after a 20% warm-up)
+is meant for runs of minutes. In 30 s the windows are a few seconds long, right after start-up, while the
+allocator, torch and the caches are still settling, so a 5% bound would be noise either way. What this test asserts
+is honest for its length: after a 10 s warm-up (``--warmup-share 0.33``), the median RSS of the last window is under
+15% above that of the first one (their middles are about 13 s apart), which catches a leak of roughly 13 MB/s or
+more (15% of the server's ~1.1 GB) and nothing finer. ``docs/reliability.md`` has the 5-minute figures.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     print(completed.stderr[-4000:], file=sys.stderr)
     assert out.exists(), f"bench/soak.py wrote no result (exit {completed.returncode})"
     result: dict[str, Any] = json.loads(out.read_text())
-    result["returncode"] = completed.returncode
     return result
 
 
@@ -75,4 +75,3 @@ def test_fds_and_threads_are_flat(soak: dict[str, Any]) -> None:
 def test_rss_growth_is_bounded(soak: dict[str, Any]) -> None:
     verdict = soak["verdict"]
     assert verdict["rss_growth_pct"] < MAX_RSS_GROWTH_PCT, verdict
-    assert soak["returncode"] == 0, verdict["failures"]  # with the 15% bound, no criterion of the script failed

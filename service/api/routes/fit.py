@@ -40,6 +40,8 @@ def _labels(body: ParsedBody) -> torch.Tensor:
         labels = [int(v) for v in raw]
     except (TypeError, ValueError) as exc:
         raise BadRequestError(f"labels must be integers (class index, < 0 for OOD): {exc}") from exc
+    if any(not -(2**63) <= v < 2**63 for v in labels):
+        raise BadRequestError("labels must be 64-bit integers (class index, < 0 for OOD)")
     if len(labels) != len(body.images):
         raise BadRequestError(f"{len(labels)} labels for {len(body.images)} images")
     return torch.tensor(labels, dtype=torch.int64)

@@ -33,7 +33,7 @@ async def segment(
         "input",
         description="map size: input (the model's input size), original (the image's) or HEIGHTxWIDTH; at most "
         "OOD_MAX_MAP_PIXELS pixels",
-        pattern=r"^(input|original|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$",
+        pattern=r"^(input|original|[1-9][0-9]{0,3}x[1-9][0-9]{0,3})$",
     ),
 ) -> Response:
     """Per image: ``{"height", "width", "detectors": {name: {"threshold", "ood_share", "max_score", "version",

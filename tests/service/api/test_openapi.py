@@ -112,14 +112,16 @@ def test_every_route_answers_what_its_schema_declares(client: httpx.Client, conf
     assert answer.status_code == 200 and len(answer.json()["results"]) == 2
     b64 = base64.b64encode(digit_png(3)).decode()
     assert check(post(score + "?tpr=0.9&detectors=knn,msp", json={"instances": [{"b64": b64}]})).status_code == 200
-    assert check(post(score + "?threshold=1&tpr=0.9", files=_files(digit_png(1)))).status_code == 400
+    assert check(post(score + "?threshold=nan", files=_files(digit_png(1)))).status_code == 400
+    both = check(post(score + "?threshold=1.5&tpr=0.9&detectors=knn", files=_files(digit_png(1))))
+    assert both.json()["results"][0]["detectors"]["knn"]["threshold"] == 1.5  # the absolute threshold wins
     assert check(post(score, json={"instances": []})).status_code == 400
     assert check(post(score + "?tpr=2", files=_files(digit_png(1)))).status_code == 422
     assert check(post(score, files=_files(b"not an image"))).status_code == 422
     assert check(post(score + "?detectors=none", files=_files(digit_png(1)))).status_code == 404
     assert check(post(score, content=b"x", headers={"Content-Type": "text/plain"})).status_code == 415
     assert check(post(score, files=_files(*(digit_png(i) for i in range(4))))).status_code == 413
-    assert check(post("/v1/models/digits-seg/score", files=_files(digit_png(1)))).status_code == 422
+    assert check(post("/v1/models/digits-seg/score", files=_files(digit_png(1)))).status_code == 404
 
     segment = "/v1/models/digits-seg/segment"
     for fmt in ("png", "npy", "json"):
@@ -127,7 +129,7 @@ def test_every_route_answers_what_its_schema_declares(client: httpx.Client, conf
         assert answer.status_code == 200
         assert {d["map"]["format"] for r in answer.json()["results"] for d in r["detectors"].values()} == {fmt}
     assert check(post(segment + "?format=gif", files=_files(digit_png(1)))).status_code == 422
-    assert check(post("/v1/models/digits/segment", files=_files(digit_png(1)))).status_code == 422
+    assert check(post("/v1/models/digits/segment", files=_files(digit_png(1)))).status_code == 404
 
     fit = "/v1/models/digits/detectors/fitted/fit"
     images = [digit_png(i % 6) for i in range(12)]

@@ -143,7 +143,7 @@ def test_detector_selection_and_threshold_overrides(app: AppRunner) -> None:
 
 @pytest.mark.parametrize(
     ("query", "status"),
-    [("detectors=nope", 404), ("threshold=1&tpr=0.9", 400), ("tpr=1.5", 422), ("detectors=..%2Fx", 422)],
+    [("detectors=nope", 404), ("threshold=inf", 400), ("tpr=1.5", 422), ("detectors=..%2Fx", 404)],
 )
 def test_bad_score_parameters(app: AppRunner, query: str, status: int) -> None:
     response = app.post(f"/v1/models/digits/score?{query}", files=[("files", ("d.png", digit_png(0)))])
@@ -238,9 +238,11 @@ def test_segment_threshold_and_tpr_overrides(app: AppRunner) -> None:
 
 
 def test_routes_refuse_the_other_task(app: AppRunner) -> None:
+    """A route of the other task does not exist for that model: 404, saying which route to use."""
     files = [("files", ("d.png", digit_png(0)))]
-    assert app.post("/v1/models/digits/segment", files=files).status_code == 422
-    assert app.post("/v1/models/digits-seg/score", files=files).status_code == 422
+    wrong_task = app.post("/v1/models/digits/segment", files=files)
+    assert wrong_task.status_code == 404 and "use /score" in wrong_task.json()["detail"]
+    assert app.post("/v1/models/digits-seg/score", files=files).status_code == 404
 
 
 def test_request_id_is_echoed_or_generated(app: AppRunner) -> None:
