@@ -78,23 +78,33 @@ ReadAccess = Annotated[None, Depends(require_read)]
 NAME_DOC = "letters, digits, '_', '.', '-'; starting with a letter or digit; no '..'"
 
 
-async def get_model(
-    services: Services,
-    model: Annotated[
-        str, Path(description=f"model name ({NAME_DOC})", pattern=NAME_REGEX, min_length=1, max_length=NAME_MAX_LENGTH)
-    ],
-) -> ServedModel:
+NAME_SCHEMA = {"pattern": NAME_REGEX, "minLength": 1, "maxLength": NAME_MAX_LENGTH}
+"""The name rule in the schema; at run time :func:`~service.settings.check_name` enforces it, with a message in
+words (pydantic's pattern check would cost every request and quote the regular expression)."""
+ModelName = Annotated[str, Path(description=f"model name ({NAME_DOC})", json_schema_extra=NAME_SCHEMA)]
+
+
+async def get_model(services: Services, model: ModelName) -> ServedModel:
     return services.catalog.get(model)
 
 
 Model = Annotated[ServedModel, Depends(get_model)]
 
 
+async def get_readable_model(request: Request, model: ModelName) -> ServedModel:
+    """:data:`ReadAccess` and :data:`Model` in one dependency, for the scoring routes (each dependency costs
+    every request some microseconds of FastAPI's resolution)."""
+    services: ApiServices = request.app.state.services
+    if services.settings.require_auth_for_read:
+        _check_key(services, request)
+    return services.catalog.get(model)
+
+
+ReadableModel = Annotated[ServedModel, Depends(get_readable_model)]
+
+
 async def get_detector_name(
-    name: Annotated[
-        str,
-        Path(description=f"detector name ({NAME_DOC})", pattern=NAME_REGEX, min_length=1, max_length=NAME_MAX_LENGTH),
-    ],
+    name: Annotated[str, Path(description=f"detector name ({NAME_DOC})", json_schema_extra=NAME_SCHEMA)],
 ) -> str:
     return check_name("detector", name)
 
@@ -102,34 +112,22 @@ async def get_detector_name(
 DetectorName = Annotated[str, Depends(get_detector_name)]
 
 
-async def parse_detectors(
-    detectors: Annotated[str | None, Query(description="comma-separated detector names (default: all)")] = None,
-) -> list[str] | None:
-    """``?detectors=a,b`` -> ``["a", "b"]`` (``None``: every active detector). A name no detector can have is
-    just not found (404): these names are only looked up, never used as paths."""
-    if detectors is None or not detectors.strip():
-        return None
-    return [d.strip() for d in detectors.split(",") if d.strip()]
-
-
-DetectorSelection = Annotated[list[str] | None, Depends(parse_detectors)]
+Detectors = Annotated[str | None, Query(description="comma-separated detector names (default: all)")]
 Threshold = Annotated[float | None, Query(description="absolute threshold for every detector (overrides tpr)")]
 TargetTPR = Annotated[float | None, Query(gt=0.0, le=1.0, description="ID true-positive rate for the threshold")]
 
 
 @dataclass(frozen=True)
 class ScoringQuery:
-    """The query parameters of ``/score`` and ``/segment``."""
+    """The query parameters of ``/score`` and ``/segment`` (plain route parameters, not a dependency: cheaper)."""
 
     detectors: list[str] | None
     threshold: float | None
     tpr: float | None
 
-
-async def scoring_query(
-    selection: DetectorSelection, threshold: Threshold = None, tpr: TargetTPR = None
-) -> ScoringQuery:
-    return ScoringQuery(selection, threshold, tpr)
-
-
-Scoring = Annotated[ScoringQuery, Depends(scoring_query)]
+    @classmethod
+    def parse(cls, detectors: str | None, threshold: float | None, tpr: float | None) -> ScoringQuery:
+        """``?detectors=a,b`` -> ``["a", "b"]`` (``None``: every active detector). A name no detector can have is
+        just not found (404): these names are only looked up, never used as paths."""
+        names = None if detectors is None else [d.strip() for d in detectors.split(",") if d.strip()]
+        return cls(names or None, threshold, tpr)

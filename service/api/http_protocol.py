@@ -9,7 +9,7 @@ only once a request's head is complete. This subclass adds, per connection:
 * a head deadline: from the first byte of a request, its request line and headers must arrive within
   ``header_timeout_s`` (else 408 and close);
 * head bounds: at most ``max_header_bytes`` bytes of request line and headers and ``max_headers`` fields (else 431
-  and close), checked as they are parsed;
+  and close), checked once the head is parsed, and on the raw bytes of a head that does not end;
 
 a rejected connection is half-closed after its answer and its input discarded for :data:`LINGER_S` before the
 close (a "lingering close", as nginx does, so the client reads the answer instead of a reset), and every rejection
@@ -84,8 +84,6 @@ def guarded_protocol(limits: ConnectionLimits, on_reject: Callable[[str], None] 
         _head_timer: Any = None
         _reading_head = True
         _head_bytes = 0
-        _head_fields = 0
-        _head_size = 0
         _rejected = False
 
         def _reject(self, status: int, reason: str, detail: str) -> None:
@@ -129,35 +127,30 @@ def guarded_protocol(limits: ConnectionLimits, on_reject: Callable[[str], None] 
             if self._rejected:
                 return
             if self._reading_head:
-                if self._head_timer is None:
-                    self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
                 self._head_bytes += len(data)
-                if self._head_bytes > 2 * limits.max_header_bytes + 65536:  # one field still being buffered
-                    self._reject(431, "header_size", f"request headers exceed {limits.max_header_bytes} bytes")
-                    return
             super().data_received(data)
+            if not self._reading_head or self._rejected:
+                return
+            # still in the head after this read (these bytes are all head): bound it, and give it its deadline;
+            # a head that arrived whole (the usual case) costs no timer
+            if self._head_bytes > limits.max_header_bytes + 65536:  # a head that never ends
+                self._reject(431, "header_size", f"request headers exceed {limits.max_header_bytes} bytes")
+            elif self._head_timer is None and self._head_bytes:
+                self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
 
         def on_message_begin(self) -> None:
-            self._reading_head, self._head_bytes, self._head_fields, self._head_size = True, 0, 0, 0
+            self._reading_head, self._head_bytes = True, 0
             super().on_message_begin()
-
-        def on_url(self, url: bytes) -> None:
-            self._head_size += len(url)
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._head_fields += 1
-            self._head_size += len(name) + len(value) + 4
-            if self._head_fields > limits.max_headers:
-                self._reject(431, "header_count", f"more than {limits.max_headers} header fields")
-            elif self._head_size > limits.max_header_bytes:
-                self._reject(431, "header_size", f"request headers exceed {limits.max_header_bytes} bytes")
-            else:
-                super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._reading_head = False
-            self._cancel_head_timer()
+            if self._head_timer is not None:
+                self._cancel_head_timer()
+            headers = self.headers
+            if len(headers) > limits.max_headers:
+                self._reject(431, "header_count", f"more than {limits.max_headers} header fields")
+            elif len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > limits.max_header_bytes:
+                self._reject(431, "header_size", f"request headers exceed {limits.max_header_bytes} bytes")
             if self._rejected:
                 return
             super().on_headers_complete()

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.bodies import read_body
-from service.api.deps import ApiServices, Model, ReadAccess, Scoring, ScoringQuery, Services
+from service.api.deps import ApiServices, Detectors, ReadableModel, ScoringQuery, Services, TargetTPR, Threshold
 from service.api.problems import problem_responses
 from service.api.schemas import IMAGES_BODY, ScoreResponse
 from service.engine import submit
@@ -64,15 +64,22 @@ async def decode_and_submit(
 
 
 @router.post("/score", openapi_extra=IMAGES_BODY, response_model=ScoreResponse, responses=SCORING_ERRORS)
-async def score(_: ReadAccess, model: Model, request: Request, services: Services, query: Scoring) -> JSONResponse:
+async def score(
+    model: ReadableModel,
+    request: Request,
+    services: Services,
+    detectors: Detectors = None,
+    threshold: Threshold = None,
+    tpr: TargetTPR = None,
+) -> JSONResponse:
     """Images as multipart ``files`` or JSON ``{"instances": [{"b64": ...}]}``. Returns, in request order,
     ``{"prediction": {"index", "label", "probability"}, "detectors": {name: {"score", "threshold", "is_ood",
     "p_value", "version"}}}``; ``threshold`` is the one used (``?threshold=``, else the calibration's at ``?tpr=`` or
     its target, 95%)."""
-    detectors, _decoded, results = await decode_and_submit(model, request, services, query, "classification", "/score")
+    query = ScoringQuery.parse(detectors, threshold, tpr)
+    active, _decoded, results = await decode_and_submit(model, request, services, query, "classification", "/score")
     labels = model.labels
     per_image = [
-        {"prediction": r.prediction(labels), "detectors": {a.name: r.verdicts[a.name] for a in detectors}}
-        for r in results
+        {"prediction": r.prediction(labels), "detectors": {a.name: r.verdicts[a.name] for a in active}} for r in results
     ]
     return JSONResponse({"model": model.name, "results": per_image})

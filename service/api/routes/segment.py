@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Model, ReadAccess, Scoring, Services
+from service.api.deps import Detectors, ReadableModel, ScoringQuery, Services, TargetTPR, Threshold
 from service.api.routes.score import SCORING_ERRORS, decode_and_submit
 from service.api.schemas import IMAGES_BODY, SegmentResponse
 from service.engine.maps import MapFormat, parse_map_size
@@ -23,11 +23,12 @@ INLINE_RENDER_BYTES = 256 * 1024
 
 @router.post("/segment", openapi_extra=IMAGES_BODY, response_model=SegmentResponse, responses=SCORING_ERRORS)
 async def segment(
-    _: ReadAccess,
-    model: Model,
+    model: ReadableModel,
     request: Request,
     services: Services,
-    query: Scoring,
+    detectors: Detectors = None,
+    threshold: Threshold = None,
+    tpr: TargetTPR = None,
     format: MapFormat = Query("png", description="anomaly map encoding: png (16-bit), npy (float16) or json"),
     size: str = Query(
         "input",
@@ -40,15 +41,16 @@ async def segment(
     "map"}}}`` (the map says its own ``height`` and ``width``); ``ood_share`` is the share of the map's pixels with score above the
     threshold (``null`` without one). Maps are encoded in the batch worker (``service.engine.maps``)."""
     spec = parse_map_size(size)
-    detectors, decoded, results = await decode_and_submit(
+    query = ScoringQuery.parse(detectors, threshold, tpr)
+    active, decoded, results = await decode_and_submit(
         model, request, services, query, "segmentation", "/segment", maps=(format, spec)
     )
     out = [
-        {"height": height, "width": width, "detectors": {a.name: result.verdicts[a.name] for a in detectors}}
+        {"height": height, "width": width, "detectors": {a.name: result.verdicts[a.name] for a in active}}
         for (_pixels, (height, width)), result in zip(decoded, results, strict=True)
     ]
     payload = {"model": model.name, "results": out}
-    encoded = sum(len(r.verdicts[a.name]["map"]["data"]) for r in results for a in detectors)
+    encoded = sum(len(r.verdicts[a.name]["map"]["data"]) for r in results for a in active)
     if format != "json" and encoded <= INLINE_RENDER_BYTES:
         body = orjson.dumps(payload)
     else:

@@ -168,3 +168,32 @@ def test_the_entry_point_and_the_tests_run_the_same_protocol(make_settings: Call
     config = uvicorn_config(create_app(settings), settings)
     assert config.http.__name__ == "GuardedHttpToolsProtocol"  # type: ignore[union-attr]
     assert config.server_header is False and config.timeout_keep_alive == settings.keep_alive_s
+
+
+def test_a_large_body_arriving_with_its_head_in_one_read_is_not_mistaken_for_a_long_head(url: str) -> None:
+    """The head bound counts only bytes read while the head is incomplete."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400), dtype=np.uint8)).save(buffer, format="PNG")
+    boundary = b"b0undary"
+    body = (
+        b"--"
+        + boundary
+        + b'\r\nContent-Disposition: form-data; name="files"; filename="n.png"\r\n\r\n'
+        + buffer.getvalue()
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
+    assert len(body) > 150_000
+    head = (
+        b"POST /v1/models/digits/score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    sock = connect(url)
+    sock.sendall(head + body)  # one write: the server's first read holds the head and much of the body
+    assert status_of(read_response(sock)) == 200
