@@ -34,6 +34,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -421,19 +422,30 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
     try:
         sources = [("", ROOT)] + ([("-baseline", args.baseline.resolve())] if args.baseline else [])
         for suffix, source in sources:
+            # each source tree its own state directory: an older tree may not read the state files a newer one
+            # writes (and would then serve no detectors, doing less work per image)
+            states = state_dir if not suffix else state_dir.with_name(state_dir.name + suffix)
+            if suffix and config is not None and not states.exists():
+                shutil.copytree(state_dir, states)
             for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
                 env = {
                     "OOD_MAX_BATCH_SIZE": str(batch_size),
                     "OOD_MAX_WAIT_MS": str(args.max_wait_ms),
-                    "OOD_STATE_DIR": str(state_dir),
+                    "OOD_STATE_DIR": str(states),
                     "OOD_LOG_LEVEL": "WARNING",
                 }
                 name = mode + suffix
                 servers[name] = Server(env, config, workdir / f"{scenario}-{name}.log", source)
                 servers[name].wait_ready()  # one after the other: the first start fits the demo states once
-        models = httpx.get(f"{servers['batched'].url}/v1/models", timeout=10.0).json()["models"]
-        info = next(m for m in models if m["task"] == "classification")
+        served = {}
+        for name, server in servers.items():
+            models = httpx.get(f"{server.url}/v1/models", timeout=10.0).json()["models"]
+            served[name] = next(m for m in models if m["task"] == "classification")
+        info = served["batched"]
         print(f"# {scenario}: model {info['name']}, detectors {info['detectors']}", flush=True)
+        for name, other in served.items():
+            if other["detectors"] != info["detectors"]:
+                print(f"# WARNING: {name} serves detectors {other['detectors']}: its numbers are not comparable")
         model, image = info["name"], image_for(info)
         inprocess = InProcess(config, state_dir)
         score_batch = inprocess.batch_scorer(image)
