@@ -30,17 +30,15 @@ class StateManager:
     def install(self, model: ServedModel, name: str, data: bytes) -> ActiveDetector:
         """Validate ``data`` against ``model``, store it, then swap it in (blocking: call in a thread)."""
         check_name("detector", name)
-        detector = build_detector(model, data)  # raises before anything changes
-        with self.write_lock:
-            stored = self.store.put(model.name, name, data, type(detector).__name__)
-            active = ActiveDetector(name=name, detector=detector, stored=stored)
-            model.detectors = {**model.detectors, name: active}
-        logger.info("detector installed", extra={"model": model.name, "detector": name, "version": stored.version})
-        return active
+        with self.store.upload() as upload:
+            upload.file.write(data)
+            upload.file.flush()  # validation reads the file
+            return self.install_file(model, name, upload.path)
 
     def install_file(self, model: ServedModel, name: str, path: Path) -> ActiveDetector:
-        """:meth:`install` of an upload file (:meth:`StateStore.upload`), loaded from disk and then renamed into
-        place: memory holds the loaded tensors, never the file's bytes too (blocking: call in a thread)."""
+        """Validate the upload file ``path`` (:meth:`StateStore.upload`) against ``model`` (nothing changes if it
+        is refused), rename it into place as the next version, then swap it in; memory holds the loaded tensors,
+        never the file's bytes too (blocking: call in a thread)."""
         check_name("detector", name)
         detector = build_detector(model, path)
         with self.write_lock:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -37,6 +40,7 @@ from service.settings import Settings, load_settings
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
@@ -198,3 +202,38 @@ def live_server(module_settings: Settings) -> Iterator[str]:
     """A real uvicorn server with the demo on 127.0.0.1 (free port); yields its base URL once ready."""
     with serve(module_settings) as url:
         yield url
+
+
+@contextmanager
+def subprocess_server(states: Path, log_path: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m service`` (the real entry point) on a free loopback port serving ``states``, with the API key
+    set and no replica sync; ``env`` adds ``OOD_*`` variables. Yields its URL and process once ready; stops it (a
+    killed one is left killed). On a failure the end of its log is printed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # a free port, released for the server
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("OOD_")}
+    variables.update({"OOD_STATE_DIR": str(states), "OOD_API_KEYS": API_KEY, "OOD_STATE_SYNC_S": "0", **env})
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=variables,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(url, 90.0, alive=lambda: process.poll() is None)
+            yield url, process
+        except BaseException:
+            print(log_path.read_text(errors="replace")[-4000:])
+            raise
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

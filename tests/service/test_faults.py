@@ -13,10 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,32 +24,13 @@ import torch
 
 from ood_core.detector import KNN
 from ood_core.state import save_detector
-from tests.service.conftest import API_KEY, AUTH, digit_png, wait_until_ready
-from tests.service.test_shutdown import ROOT, free_port
+from tests.service.conftest import API_KEY, AUTH, digit_png, subprocess_server
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@contextmanager
-def server_process(states: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {**os.environ, "OOD_STATE_DIR": str(states), "OOD_API_KEYS": API_KEY, "OOD_STATE_SYNC_S": "0"}
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_ready(url, 90.0, alive=lambda: process.poll() is None)
-            yield url, process
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(30)
+def server_process(states: Path, log: Path) -> AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
+    return subprocess_server(states, log)
 
 
 def stored_states(root: Path) -> dict[str, tuple[int, str]]:

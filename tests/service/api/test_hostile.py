@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -34,11 +31,10 @@ import pytest
 from PIL import Image
 
 from service.demo import DEFAULT_DETECTOR
-from tests.service.conftest import API_KEY, digit_png, noise_png, png_bytes, wait_until_ready
+from tests.service.conftest import digit_png, noise_png, png_bytes, subprocess_server
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parents[3]
 SCORE = "/v1/models/digits/score"
 SEGMENT = "/v1/models/digits-seg/segment"
 SEG_INPUT = (64, 64)  # digits-seg's input size: the default size of its maps
@@ -355,12 +351,6 @@ RSS_KILL_MB = 1500
 HEALTH_LIMIT_S = 1.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def proc_status_kb(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
@@ -435,33 +425,8 @@ def server_process(demo_state_dir: Path, tmp_path: Path) -> Iterator[tuple[subpr
     """``python -m service`` on a free loopback port with a copy of the demo states."""
     states = tmp_path / "states"
     shutil.copytree(demo_state_dir, states)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOD_")}
-    env.update({"OOD_STATE_DIR": str(states), "OOD_API_KEYS": API_KEY, "OOD_DEVICE": "cpu", "OOD_LOG_JSON": "true"})
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_until_ready(url, 60.0, alive=lambda: process.poll() is None)
-            yield process, url
-        except BaseException:
-            print(log_path.read_text(errors="replace")[-4000:])
-            raise
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+    with subprocess_server(states, tmp_path / "server.log", OOD_DEVICE="cpu", OOD_LOG_JSON="true") as (url, process):
+        yield process, url
 
 
 def test_segment_amplification_keeps_memory_bounded_and_health_answering(

@@ -3,10 +3,8 @@ about the loaded tensors, not by several copies of the body (it was 8x the uploa
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +15,7 @@ import torch
 
 from ood_core.detector import KNN
 from ood_core.state import save_detector
-from tests.service.conftest import API_KEY, AUTH, digit_png, wait_until_ready
-from tests.service.test_shutdown import ROOT, free_port
+from tests.service.conftest import AUTH, digit_png, subprocess_server
 
 pytestmark = pytest.mark.timeout(180)
 BANK_ROWS = 800_000  # x 64 float32 features of the digits model: ~195 MiB
@@ -35,24 +32,8 @@ def status_kib(pid: int, field: str) -> int:
 def server(demo_state_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     states = tmp_path / "states"
     shutil.copytree(demo_state_dir, states)
-    port = free_port()
-    env = {**os.environ, "OOD_STATE_DIR": str(states), "OOD_API_KEYS": API_KEY, "OOD_STATE_SYNC_S": "0"}
-    log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, 90.0, alive=lambda: process.poll() is None)
+    with subprocess_server(states, tmp_path / "server.log") as (url, process):
         yield url, process, states
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 def test_peak_memory_of_a_large_upload_is_about_its_tensors(
