@@ -10,6 +10,9 @@ Module map:
   query parameters, access checks); :mod:`~service.api.auth` checks API keys.
 * :mod:`~service.api.schemas`: every request parameter and response shape as pydantic models (``/openapi.json``).
 * :mod:`~service.api.problems`: the ONE exception -> HTTP status table and the ``application/problem+json`` body.
-* :mod:`~service.api.middleware`: request ids, the body-size limit, request metrics and the access log.
-* :mod:`~service.api.docs`: the Swagger UI page with its assets served from the package (no CDN).
+* :mod:`~service.api.middleware`: request ids, the body-size limit and deadline, request metrics and the access
+  log; :mod:`~service.api.http_protocol`: the connection limit and the request-head deadline and bounds, below
+  the app (a uvicorn protocol); :mod:`~service.api.uploads`: state uploads streamed to the state volume.
+* :mod:`~service.api.docs`: ``/openapi.json`` completed, and the Swagger UI / ReDoc pages with their assets served
+  from the package (no CDN).
 """

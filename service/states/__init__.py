@@ -3,7 +3,8 @@
 Module map:
 
 * :mod:`~service.states.store`: :class:`StateStore`, versioned atomic files ``<state_dir>/<model>/<detector>/``
-  with a cross-process lock per detector.
+  with a cross-process lock per detector, streamed uploads under ``<state_dir>/.uploads/``, 507 on a full volume;
+  :mod:`~service.states.cleanup` removes what interrupted writes left (at start and after each write).
 * :mod:`~service.states.validate`: load a safetensors state for a served model and check it (class, input kind,
   dimensions, a smoke test on the warm-up outputs) before it can replace the active one.
 * :mod:`~service.states.manager`: :class:`StateManager`, which installs (validate, store, swap in), removes and
