@@ -41,5 +41,5 @@ bench: $(STAMP)  # pytorch-ood 0.4.0 is the detectors' baseline: installed into 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
-docker-smoke:
+docker-smoke: $(STAMP)  # the same venv as `make run` (the script uses its python for ports and checks)
 	bash docker/smoke.sh

@@ -12,7 +12,18 @@ VOLUME=$NAME-state
 PORT=${PORT:-$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL=http://127.0.0.1:$PORT
 OUT=build/docker-smoke.json
-LOCAL_DOCKER=../shared/tools/local-docker.sh
+# the local Docker engine + base-image tool: $LOCAL_DOCKER, else shared/tools/local-docker.sh next to this clone or
+# next to any folder above it (a clone in /tmp finds nothing there and falls back to /work/shared)
+find_local_docker() {
+  local dir
+  dir=$(pwd)
+  while [ "$dir" != / ]; do
+    [ -f "$dir/../shared/tools/local-docker.sh" ] && { echo "$dir/../shared/tools/local-docker.sh"; return; }
+    dir=$(dirname "$dir")
+  done
+  echo /work/shared/tools/local-docker.sh
+}
+LOCAL_DOCKER=${LOCAL_DOCKER:-$(find_local_docker)}
 
 cleanup() {
   docker rm -f "$NAME" >/dev/null 2>&1 || true
