@@ -6,12 +6,14 @@ All losses are ``torch.nn.Module``s. Targets ``< 0`` mark OOD samples. *Unsuperv
 they get zero loss and ``reduction="mean"`` averages over ID samples only. *Supervised* losses
 (:class:`OutlierExposureLoss`, :class:`EntropicOpenSetLoss`, :class:`ObjectosphereLoss`,
 :class:`EnergyRegularizedLoss`, :class:`VOSRegLoss`, :class:`MCHADLoss`, :class:`BackgroundClassLoss`,
-:class:`EnergyMarginLoss`) use them.
+:class:`EnergyMarginLoss`, :class:`DeepSADLoss`) use them; the ``mean`` of :class:`EnergyRegularizedLoss` averages
+its ID and its OOD terms each over their own samples, as the paper's expectations do.
+:func:`logit_norm_loss` is the functional form of :class:`LogitNorm`.
 
 Segmentation (``B x C x H x W`` logits or features with ``B x H x W`` targets) is supported by
 :class:`CrossEntropyLoss`, :class:`LogitNorm`, :class:`ConfidenceLoss`, :class:`DeepSVDDLoss`,
 :class:`OutlierExposureLoss`, :class:`EntropicOpenSetLoss`, :class:`ObjectosphereLoss`,
-:class:`EnergyRegularizedLoss`, :class:`VOSRegLoss` and :class:`BackgroundClassLoss`.
+:class:`EnergyRegularizedLoss`, :class:`VOSRegLoss`, :class:`BackgroundClassLoss` and :class:`DeepSADLoss`.
 """
 
 from ood_core.loss.background import BackgroundClassLoss
@@ -20,10 +22,11 @@ from ood_core.loss.center import CenterLoss
 from ood_core.loss.centers import ClassCenters, RunningCenters
 from ood_core.loss.conf import ConfidenceLoss
 from ood_core.loss.crossentropy import CrossEntropyLoss
+from ood_core.loss.deepsad import DeepSADLoss
 from ood_core.loss.energy import EnergyRegularizedLoss
 from ood_core.loss.entropy import EntropicOpenSetLoss, ObjectosphereLoss
 from ood_core.loss.ii import IILoss
-from ood_core.loss.logitnorm import LogitNorm
+from ood_core.loss.logitnorm import LogitNorm, logit_norm_loss
 from ood_core.loss.mchad import MCHADLoss
 from ood_core.loss.oe import OutlierExposureLoss
 from ood_core.loss.scone import EnergyMarginLoss
@@ -38,6 +41,7 @@ __all__ = [
     "ClassCenters",
     "ConfidenceLoss",
     "CrossEntropyLoss",
+    "DeepSADLoss",
     "DeepSVDDLoss",
     "EnergyMarginLoss",
     "EnergyRegularizedLoss",
@@ -50,4 +54,5 @@ __all__ = [
     "RunningCenters",
     "VOSRegLoss",
     "VirtualOutlierSynthesizingRegLoss",
+    "logit_norm_loss",
 ]

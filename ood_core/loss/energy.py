@@ -15,16 +15,24 @@ def free_energy(logits: Tensor) -> Tensor:
 
 
 class EnergyRegularizedLoss(nn.Module):
-    """Cross-entropy on ID inputs plus a squared-hinge energy regularizer:
+    """Cross-entropy on ID inputs plus a squared-hinge energy regularizer (Liu et al. 2020, Eq. 6):
 
     .. math::
-        \\mathcal{L}(x, y) = \\begin{cases} -\\log \\sigma_y(f(x)) + \\alpha \\max(0, E(x) - m_{in})^2 &
-        y \\geq 0 \\\\ \\alpha \\max(0, m_{out} - E(x))^2 & y < 0 \\end{cases}
+        \\mathcal{L} = \\mathbb{E}_{x \\sim \\mathcal{D}_{in}} \\left[ -\\log \\sigma_y(f(x))
+        + \\alpha \\max(0, E(x) - m_{in})^2 \\right]
+        + \\alpha \\, \\mathbb{E}_{x \\sim \\mathcal{D}_{out}} \\left[ \\max(0, m_{out} - E(x))^2 \\right]
 
-    with :math:`E(x) = -\\log \\sum_i e^{f_i(x)}`. This is the paper's (and seed's) formula; pytorch-ood's
-    code uses :math:`+\\log\\sum` and applies the OOD margin inside the logits. The paper uses
-    :math:`m_{in} = -25, m_{out} = -7, \\alpha = 0.1` on CIFAR; the defaults here are the seed's.
-    Supports segmentation; ``mean`` averages over all entries.
+    with :math:`E(x) = -\\log \\sum_i e^{f_i(x)}`; targets ``< 0`` mark OOD samples. The per-sample terms
+    (``reduction="none"``) are :math:`-\\log \\sigma_y(f(x)) + \\alpha \\max(0, E(x) - m_{in})^2` for ID and
+    :math:`\\alpha \\max(0, m_{out} - E(x))^2` for OOD samples; ``"sum"`` adds them up. ``"mean"`` takes each
+    expectation over its own samples, as the paper does: the mean of the ID terms over the ID samples plus
+    the mean of the OOD terms over the OOD samples (a missing group contributes ``0``). A single mean over
+    the batch would instead weight each part by its share of the batch.
+
+    This is the paper's (and seed's) energy; pytorch-ood's code uses :math:`+\\log\\sum` and applies the OOD
+    margin inside the logits. The paper uses :math:`m_{in} = -25, m_{out} = -7, \\alpha = 0.1` on CIFAR; the
+    defaults here are the seed's. Segmentation (``B x C x H x W`` logits, ``B x H x W`` targets): every pixel
+    is a sample.
 
     :param alpha: weight :math:`\\alpha` of the regularizer
     :param margin_in: energy margin :math:`m_{in}` for ID data
@@ -45,7 +53,14 @@ class EnergyRegularizedLoss(nn.Module):
         """:param logits: logits; :param targets: labels (``< 0`` = OOD)"""
         nll = per_entry_cross_entropy(logits, targets)
         energy = free_energy(logits)
+        known = targets >= 0
         regularization = torch.where(
-            targets < 0, (self.margin_out - energy).relu().pow(2), (energy - self.margin_in).relu().pow(2)
+            known, (energy - self.margin_in).relu().pow(2), (self.margin_out - energy).relu().pow(2)
         )
-        return apply_reduction(nll + self.alpha * regularization, self.reduction)
+        loss = nll + self.alpha * regularization
+        if self.reduction != "mean":
+            return apply_reduction(loss, self.reduction)
+        zero = loss.new_zeros(())
+        id_part = apply_reduction(torch.where(known, loss, zero), "mean", known=known)
+        ood_part = apply_reduction(torch.where(known, zero, loss), "mean", known=~known)
+        return id_part + ood_part

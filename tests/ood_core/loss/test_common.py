@@ -38,6 +38,7 @@ REDUCIBLE: dict[str, tuple[Callable[[str], nn.Module], Call, bool]] = {
     "CrossEntropyLoss": (lambda r: L.CrossEntropyLoss(reduction=r), _logits_call, True),
     "LogitNorm": (lambda r: L.LogitNorm(reduction=r), _logits_call, True),
     "DeepSVDDLoss": (lambda r: L.DeepSVDDLoss(C, reduction=r), _logits_call, True),
+    "DeepSADLoss": (lambda r: L.DeepSADLoss(C, reduction=r), _logits_call, False),
     "OutlierExposureLoss": (lambda r: L.OutlierExposureLoss(reduction=r), _logits_call, False),
     "EntropicOpenSetLoss": (lambda r: L.EntropicOpenSetLoss(reduction=r), _logits_call, False),
     "ObjectosphereLoss": (lambda r: L.ObjectosphereLoss(reduction=r), _objectosphere_call, False),
@@ -64,7 +65,11 @@ SEGMENTATION = [
     "EnergyRegularizedLoss",
     "VOSRegLoss",
     "BackgroundClassLoss",
+    "DeepSADLoss",
 ]
+
+#: losses whose ``mean`` averages the ID and the OOD terms each over their own samples
+SEPARATE_MEANS = {"EnergyRegularizedLoss"}
 
 
 def _batch(seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -90,8 +95,12 @@ def test_reduction_shapes_and_consistency(name: str) -> None:
     assert losses["none"].shape == y.shape
     assert losses["mean"].shape == losses["sum"].shape == ()
     torch.testing.assert_close(losses["sum"], losses["none"].sum())
-    count = int((y >= 0).sum()) if unsupervised else y.numel()
-    torch.testing.assert_close(losses["mean"], losses["none"].sum() / count)
+    if name in SEPARATE_MEANS:
+        known = y >= 0
+        expected = losses["none"][known].mean() + losses["none"][~known].mean()
+    else:
+        expected = losses["none"].sum() / (int((y >= 0).sum()) if unsupervised else y.numel())
+    torch.testing.assert_close(losses["mean"], expected)
     with pytest.raises(ValueError):
         factory("average")
 

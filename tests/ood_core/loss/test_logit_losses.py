@@ -123,3 +123,52 @@ def test_background_class_loss_teaches_ood_to_the_extra_class() -> None:
     assert logits.grad[1, 0] < 0 and (logits.grad[1, 1:] > 0).all()  # and the ID row's own class
     with pytest.raises(ValueError, match="3 logit channels"):
         L.BackgroundClassLoss(2)(torch.zeros(2, 2), torch.tensor([0, -1]))
+
+
+def test_energy_mean_averages_id_and_ood_terms_over_their_own_samples() -> None:
+    loss = L.EnergyRegularizedLoss(alpha=0.5, margin_in=-2.0, margin_out=0.0)
+    logits = torch.zeros(4, 2)  # E = -log 2 everywhere
+    y = torch.tensor([0, 1, 1, -1])  # three ID samples, one OOD sample
+    id_term = LN2 + 0.5 * (2 - LN2) ** 2  # same for every ID sample
+    ood_term = 0.5 * LN2**2
+    # E_in[...] + E_out[...]: the OOD term keeps its full weight although it is a quarter of the batch
+    torch.testing.assert_close(loss(logits, y), torch.tensor(id_term + ood_term))
+    # so the loss does not change with the share of OOD samples in the batch
+    more_id = torch.tensor([0, 1, 1, 0, 0, 1, -1, -1])
+    torch.testing.assert_close(loss(torch.zeros(8, 2), more_id), torch.tensor(id_term + ood_term))
+    # a batch without OOD samples has only the ID expectation
+    torch.testing.assert_close(loss(logits[:3], y[:3]), torch.tensor(id_term))
+
+
+def test_energy_mean_on_segmentation_pools_pixels_per_group() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits, y = torch.randn(2, 3, 4, 4, generator=g), torch.randint(-1, 3, (2, 4, 4), generator=g)
+    loss = L.EnergyRegularizedLoss(alpha=0.3, margin_in=-3.0, margin_out=-0.5)
+    per_pixel = L.EnergyRegularizedLoss(alpha=0.3, margin_in=-3.0, margin_out=-0.5, reduction="none")(logits, y)
+    torch.testing.assert_close(loss(logits, y), per_pixel[y >= 0].mean() + per_pixel[y < 0].mean())
+
+
+def test_logit_norm_loss_functional_matches_module_and_drops_ood() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits, y = torch.randn(6, 4, generator=g), torch.tensor([0, 3, -1, 2, -1, 1])
+    for reduction in ("mean", "sum", "none"):
+        torch.testing.assert_close(
+            L.logit_norm_loss(logits, y, t=0.2, reduction=reduction), L.LogitNorm(0.2, reduction)(logits, y)
+        )
+    # OOD rows are dropped: the mean equals the loss on the ID rows alone
+    torch.testing.assert_close(L.logit_norm_loss(logits, y, 0.2), L.logit_norm_loss(logits[y >= 0], y[y >= 0], 0.2))
+    empty = L.logit_norm_loss(logits[y < 0].requires_grad_(), y[y < 0])
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError):
+        L.logit_norm_loss(logits, y, t=0.0)
+
+
+def test_seed_style_calls_run_unchanged() -> None:
+    """The signatures and calls of the seed's training-objectives reference (003)."""
+    logits, targets = torch.randn(8, 10, requires_grad=True), torch.tensor([0, 1, 2, 3, -1, -1, 4, 5])
+    energy = L.EnergyRegularizedLoss(alpha=1.0, margin_in=-1.0, margin_out=-1.0, reduction="mean")
+    logit_norm = L.LogitNorm(t=1.0, reduction="mean")
+    total = energy(logits, targets) + logit_norm(logits, targets)
+    total.backward()
+    assert total.shape == () and logits.grad is not None
+    assert L.EnergyRegularizedLoss()(logits, targets).item() == pytest.approx(energy(logits, targets).item())

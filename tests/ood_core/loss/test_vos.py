@@ -46,7 +46,9 @@ def test_vos_reg_loss_two_output_phi_uses_id_as_class_one() -> None:
 
 
 def test_vos_regularizer_trains_phi_and_energy_weights() -> None:
+    torch.manual_seed(0)
     phi, weights = nn.Linear(1, 2), nn.Linear(3, 1)
+    nn.init.uniform_(weights.weight, 0.1, 1.0)  # the energy uses relu(weights): keep them in its active region
     loss = L.VOSRegLoss(phi, weights)
     assert {id(p) for p in loss.parameters()} == {id(p) for p in (*phi.parameters(), *weights.parameters())}
     loss(torch.randn(4, 3), torch.tensor([0, 1, -1, -1])).backward()

@@ -1,4 +1,4 @@
-"""OOD detection metrics, streaming and exact: AUROC, AUPR-IN, AUPR-OUT and FPR at a TPR level.
+"""The OOD metrics collection, streaming and exact: AUROC, AUPR-IN, AUPR-OUT and FPR at a TPR level.
 
 API of pytorch-ood's ``pytorch_ood.utils.OODMetrics`` (``update`` / ``compute`` / ``reset``; OOD samples
 carry labels < 0 and are the *positive* class; higher scores mean more OOD). Definitions follow
@@ -28,6 +28,8 @@ from typing import Self
 import torch
 from torch import Tensor
 
+from ood_core.metrics.histogram import ScoreHistogram, count_by_score
+
 __all__ = ["OODMetrics", "fpr_at_tpr", "fpr_key", "metrics_from_counts", "ood_metrics"]
 
 MODES = ("classification", "segmentation", "segmentation-per-image")
@@ -36,14 +38,6 @@ MODES = ("classification", "segmentation", "segmentation-per-image")
 def fpr_key(level: float) -> str:
     """Name of the FPR metric at TPR ``level``: ``0.95 -> "FPR95TPR"``."""
     return f"FPR{round(100 * level, 6):g}TPR"
-
-
-def _count_by_score(scores: Tensor, is_ood: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Distinct scores (ascending, float64) with the number of ID and of OOD samples at each."""
-    values, inverse = torch.unique(scores.to(torch.float64), return_inverse=True)
-    n_all = torch.bincount(inverse, minlength=values.numel())
-    n_ood = torch.bincount(inverse.masked_select(is_ood), minlength=values.numel())
-    return values, n_all - n_ood, n_ood
 
 
 def _average_precision(n_pos: Tensor, n_neg: Tensor) -> Tensor:
@@ -118,9 +112,7 @@ class OODMetrics:
 
     def reset(self) -> Self:
         """Forget all data seen so far."""
-        self._values = torch.empty(0, dtype=torch.float64, device=self.device)
-        self._n_id = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._n_ood = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._counts = ScoreHistogram(self.device)  # negatives = ID, positives = OOD
         self._image_sums: dict[str, float] = {}
         self._images = 0
         self._correct = 0
@@ -130,7 +122,7 @@ class OODMetrics:
     @property
     def num_distinct_scores(self) -> int:
         """Number of histogram entries kept (the memory footprint; 0 in per-image mode)."""
-        return self._values.numel()
+        return len(self._counts)
 
     @torch.no_grad()
     def update(self, scores: Tensor, y: Tensor, predictions: Tensor | None = None) -> Self:
@@ -165,31 +157,17 @@ class OODMetrics:
                 else:
                     self._add_image(img_scores.masked_select(img_keep), img_y.masked_select(img_keep) < 0)
         elif self.void_label is None:
-            self._merge(*_count_by_score(scores.reshape(-1), y.reshape(-1) < 0))
+            self._counts.add(scores.reshape(-1), y.reshape(-1) < 0)
         else:
             # masked_select: boolean indexing goes through a much slower nonzero() on CPU
-            self._merge(*_count_by_score(scores.masked_select(keep), y.masked_select(keep) < 0))
+            self._counts.add(scores.masked_select(keep), y.masked_select(keep) < 0)
         return self
-
-    def _merge(self, values: Tensor, n_id: Tensor, n_ood: Tensor) -> None:
-        if self._values.numel() == 0:
-            self._values, self._n_id, self._n_ood = (t.to(self.device) for t in (values, n_id, n_ood))
-            return
-        merged, inverse = torch.unique(torch.cat([self._values, values.to(self.device)]), return_inverse=True)
-        size = merged.numel()
-        self._n_id = torch.zeros(size, dtype=torch.int64, device=self.device).index_add_(
-            0, inverse, torch.cat([self._n_id, n_id.to(self.device)])
-        )
-        self._n_ood = torch.zeros(size, dtype=torch.int64, device=self.device).index_add_(
-            0, inverse, torch.cat([self._n_ood, n_ood.to(self.device)])
-        )
-        self._values = merged
 
     def _add_image(self, scores: Tensor, is_ood: Tensor) -> None:
         n_ood = int(is_ood.sum())
         if n_ood == 0 or n_ood == is_ood.numel():
             return  # needs both ID and OOD pixels
-        _, n_id_counts, n_ood_counts = _count_by_score(scores, is_ood)
+        _, n_id_counts, n_ood_counts = count_by_score(scores, is_ood)
         for key, value in metrics_from_counts(n_id_counts, n_ood_counts, self.fpr_at).items():
             self._image_sums[key] = self._image_sums.get(key, 0.0) + value
         self._images += 1
@@ -205,7 +183,7 @@ class OODMetrics:
             result = {key: total / self._images for key, total in self._image_sums.items()}
             result["images"] = float(self._images)
         else:
-            result = metrics_from_counts(self._n_id, self._n_ood, self.fpr_at)
+            result = metrics_from_counts(self._counts.n_neg, self._counts.n_pos, self.fpr_at)
         if self._known:
             result["ACC"] = self._correct / self._known
         return result
@@ -225,5 +203,5 @@ def ood_metrics(
 def fpr_at_tpr(pred: Tensor, target: Tensor, k: float = 0.95) -> float:
     """FPR at the first threshold with TPR >= ``k`` (pytorch-ood's signature: ``target`` is 1 for OOD,
     0 for ID)."""
-    _, n_id, n_ood = _count_by_score(pred.detach(), target.detach() == 1)
+    _, n_id, n_ood = count_by_score(pred.detach(), target.detach() == 1)
     return metrics_from_counts(n_id, n_ood, k)[fpr_key(k)]
