@@ -68,20 +68,22 @@ class ClassGaussianStats:
             self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=z.device)
             self.correction = torch.zeros(dim, dim, dtype=torch.float64, device=z.device)
         assert self.counts is not None and self.ref is not None and self.sums is not None
+        if self.ref.device != z.device:  # statistics merged or resumed on another device: follow the data
+            self._to(z.device)
         if z.shape[1] != self.ref.shape[1]:
             raise ValueError(f"feature dimension changed from {self.ref.shape[1]} to {z.shape[1]}")
         if y.numel() == 0:
             return
-        classes = max(int(y.max()) + 1, self.ref.shape[0])
-        if classes > self.ref.shape[0]:  # new labels: grow with empty classes
-            grow = classes - self.ref.shape[0]
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
-            self.ref = torch.cat([self.ref, self.ref.new_zeros(grow, self.ref.shape[1])])
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
-            self._ref_work = None
+        self._grow(int(y.max()) + 1)  # new labels: grow with empty classes
         work = torch.float64 if z.dtype == torch.float64 else torch.float32
         for rows, labels in zip(z.split(CHUNK_ROWS), y.split(CHUNK_ROWS), strict=True):
             self._merge(rows.to(work), labels)
+
+    def _to(self, device: torch.device) -> None:
+        assert self.counts is not None and self.ref is not None and self.sums is not None
+        assert self.gram is not None and self.correction is not None
+        self.counts, self.ref, self.sums = self.counts.to(device), self.ref.to(device), self.sums.to(device)
+        self.gram, self.correction, self._ref_work = self.gram.to(device), self.correction.to(device), None
 
     def _merge(self, z: Tensor, y: Tensor) -> None:
         """Add one chunk (in the working dtype) to the float64 sums."""
@@ -129,18 +131,94 @@ class ClassGaussianStats:
 
     def finish(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(counts, means, within-class covariance = scatter / N)``; every class ``0..C-1`` must occur."""
-        if self.counts is None or self.ref is None or self.sums is None or self.gram is None:
-            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
-        if self.counts.sum() == 0:
+        if self.counts is None or self.counts.sum() == 0:
             raise ValueError("no in-distribution samples (labels >= 0) to fit on")
         missing = (self.counts == 0).nonzero().flatten().tolist()
         if missing:
             raise ValueError(f"classes {missing[:10]} have no samples; labels must be 0..C-1 with all classes present")
+        counts, means, scatter = self.moments()
+        return counts, means, scatter / counts.sum()
+
+    def moments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(counts, means, pooled within-class scatter)`` in float64, not divided by N; classes without
+        samples get mean 0 (they add nothing to the scatter)."""
+        if self.counts is None or self.ref is None or self.sums is None or self.gram is None:
+            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
         assert self.correction is not None
-        shift = self.sums / self.counts[:, None]
+        shift = self.sums / self.counts.clamp_min(1.0)[:, None]
         scatter = symmetric_from_upper(self.gram) + (self.correction + self.correction.T) / 2
         scatter -= (shift * self.counts[:, None]).T @ shift
-        return self.counts, self.ref + shift, scatter / self.counts.sum()
+        means = torch.where((self.counts > 0)[:, None], self.ref + shift, torch.zeros_like(shift))
+        return self.counts, means, scatter
+
+    # ------------------------------------------------------------------ mergeable statistics
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The exact accumulator state (``{}`` before any sample): ``counts``, ``ref``, ``sums``, ``gram``,
+        ``correction`` and ``moved_at``. :meth:`merge` of these into empty statistics restores it exactly."""
+        if self.counts is None or self.ref is None or self.sums is None or self.gram is None:
+            return {}
+        assert self.correction is not None
+        return {
+            "counts": self.counts,
+            "ref": self.ref,
+            "sums": self.sums,
+            "gram": self.gram,
+            "correction": self.correction,
+            "moved_at": torch.tensor(self.moved_at, dtype=torch.float64),
+        }
+
+    def merge(self, tensors: dict[str, Tensor], device: torch.device | None = None) -> None:
+        r"""Fold in another shard's :meth:`to_tensors`.
+
+        Into empty statistics this is an exact copy (a resumed fit continues bit for bit). Otherwise each
+        side is reduced to per-class counts, means and pooled within-class scatter (:meth:`moments`) and
+        combined with the parallel formula of Chan, Golub and LeVeque (1979), per class :math:`c`:
+
+        .. math:: n_c = n_c^a + n_c^b, \quad \delta_c = \bar z_c^b - \bar z_c^a, \quad
+            \bar z_c = \bar z_c^a + \frac{n_c^b}{n_c}\delta_c, \quad
+            W = W^a + W^b + \sum_c \frac{n_c^a n_c^b}{n_c} \delta_c \delta_c^\top
+
+        (:func:`merge_scatter`), not a plain sum: the two shards' shifted sums are taken about different
+        references. The result is stored about this side's references (the other's for classes only it
+        has), as shifted sums and scatter, so that more batches can follow."""
+        if not tensors:
+            return
+        other = _checked_tensors(tensors)
+        if self.gram is None:
+            target = device if device is not None else other["counts"].device
+            self.counts, self.ref, self.sums, self.gram, self.correction = (
+                other[k].to(target, torch.float64).clone() for k in ("counts", "ref", "sums", "gram", "correction")
+            )
+            self.moved_at, self._ref_work = float(other["moved_at"]), None
+            return
+        assert self.ref is not None
+        if other["ref"].shape[1] != self.ref.shape[1]:
+            raise ValueError(f"feature dimension {other['ref'].shape[1]} differs from {self.ref.shape[1]}")
+        theirs = ClassGaussianStats()
+        theirs.merge(other, self.ref.device)
+        classes = max(self.ref.shape[0], theirs.ref.shape[0])  # type: ignore[union-attr]
+        self._grow(classes)
+        theirs._grow(classes)
+        n_a, mean_a, scatter_a = self.moments()
+        n_b, mean_b, scatter_b = theirs.moments()
+        counts, means, scatter = merge_scatter(n_a, mean_a, scatter_a, n_b, mean_b, scatter_b)
+        assert theirs.ref is not None
+        ref = torch.where((n_a > 0)[:, None], self.ref, theirs.ref)
+        shift = torch.where((counts > 0)[:, None], means - ref, torch.zeros_like(ref))
+        self.counts, self.ref, self.sums = counts, ref, shift * counts[:, None]
+        self.gram = scatter + (self.sums.T @ shift)
+        self.correction = torch.zeros_like(self.gram)
+        self.moved_at, self._ref_work = float(counts.sum()), None
+
+    def _grow(self, classes: int) -> None:
+        """Append empty classes up to ``classes``."""
+        assert self.counts is not None and self.ref is not None and self.sums is not None
+        grow = classes - self.ref.shape[0]
+        if grow > 0:
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
+            self.ref = torch.cat([self.ref, self.ref.new_zeros(grow, self.ref.shape[1])])
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, self.sums.shape[1])])
+            self._ref_work = None
 
     def total_covariance(self) -> tuple[Tensor, Tensor]:
         """Mean and covariance of all ID samples (one Gaussian): within plus between-class scatter, / N."""
@@ -149,6 +227,45 @@ class ClassGaussianStats:
         mean = (counts[:, None] * means).sum(0) / n
         dev = means - mean
         return mean, within + (dev * (counts / n)[:, None]).T @ dev
+
+
+#: the entries of :meth:`ClassGaussianStats.to_tensors`, with their number of dimensions
+STATS_RANKS = {"counts": 1, "ref": 2, "sums": 2, "gram": 2, "correction": 2, "moved_at": 0}
+
+
+def _checked_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Validate the entries and shapes of :meth:`ClassGaussianStats.to_tensors` (``ValueError`` otherwise)."""
+    if set(tensors) != set(STATS_RANKS):
+        raise ValueError(f"Gaussian statistics must hold {sorted(STATS_RANKS)}, got {sorted(tensors)}")
+    for name, rank in STATS_RANKS.items():
+        t = tensors[name]
+        if t.dim() != rank or not t.is_floating_point():
+            raise ValueError(f"Gaussian statistics '{name}' must be a floating tensor of {rank} dimensions")
+    classes, dim = tensors["ref"].shape
+    shapes = {"counts": (classes,), "sums": (classes, dim), "gram": (dim, dim), "correction": (dim, dim)}
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"Gaussian statistics '{name}' has shape {tuple(tensors[name].shape)}, expected {shape}")
+    counts = tensors["counts"]
+    if bool((counts < 0).any()) or bool((counts != counts.round()).any()):
+        raise ValueError("Gaussian statistics 'counts' must be non-negative whole numbers")
+    return tensors
+
+
+def merge_scatter(
+    n_a: Tensor, mean_a: Tensor, scatter_a: Tensor, n_b: Tensor, mean_b: Tensor, scatter_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Combine per-class counts (``C``), means (``C x D``) and pooled within-class scatter (``D x D``) of two
+    disjoint sets of samples (Chan, Golub, LeVeque 1979, applied per class and pooled):
+    :math:`n = n^a + n^b`, :math:`\bar z = \bar z^a + \frac{n^b}{n}(\bar z^b - \bar z^a)` and
+    :math:`W = W^a + W^b + \sum_c \frac{n_c^a n_c^b}{n_c} \delta_c\delta_c^\top`, :math:`\delta_c = \bar z_c^b
+    - \bar z_c^a`. A class absent on one side (count 0, any finite mean) takes the other side's mean."""
+    n = n_a + n_b
+    safe = n.clamp_min(1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / safe)[:, None]
+    weight = n_a * n_b / safe
+    return n, mean, scatter_a + scatter_b + (delta * weight[:, None]).T @ delta
 
 
 def robust_precision(cov: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, TensorSpec, known_mask, model_or_encoder, required
 from ood_core.detector.ash import check_percentile
 from ood_core.detector.scores import resolve_score_function, score_function_name
 
@@ -35,6 +35,8 @@ class DICE(Detector):
     :param p: fraction of weights to drop
     :param detector: maps logits to scores: a callable or a name of
         :data:`ood_core.detector.scores.SCORE_FUNCTION_NAMES`; only registered ones can be saved
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them); ``w``, ``b`` and ``p`` are
+        required either way
     """
 
     requires_fit = True
@@ -47,13 +49,18 @@ class DICE(Detector):
 
     def __init__(
         self,
-        model: Callable[[Tensor], Tensor] | None,
-        w: Tensor,
-        b: Tensor,
-        p: float,
+        model: Callable[[Tensor], Tensor] | None = None,
+        w: Tensor | None = None,
+        b: Tensor | None = None,
+        p: float | None = None,
         detector: Callable[..., Tensor] | str | None = None,
+        *,
+        encoder: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        model = model_or_encoder(model, encoder, "DICE")
+        required("DICE", w=w, b=b, p=p)
+        assert p is not None
         w, b = torch.as_tensor(w).detach(), torch.as_tensor(b).detach()
         if w.dim() != 2 or b.shape != (w.shape[0],):
             raise ValueError(f"DICE needs w of shape C x D and b of shape C, got {tuple(w.shape)}, {tuple(b.shape)}")
@@ -95,6 +102,26 @@ class DICE(Detector):
         known = known_mask(torch.as_tensor(y).reshape(-1)).to(z.device)
         self._feature_sum += z[known].to(torch.float64).sum(dim=0).to(self._feature_sum.device)
         self._count += int(known.sum())
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """``feature_sum`` (float64, ``D``) and ``count`` of the ID features; shards merge by addition."""
+        if self._count == 0:
+            return {}
+        return {"feature_sum": self._feature_sum, "count": torch.tensor(self._count, dtype=torch.int64)}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        dim = self.w.shape[1]
+        total, count = stats.get("feature_sum"), stats.get("count")
+        if set(stats) != {"feature_sum", "count"} or total is None or count is None:
+            raise ValueError(f"DICE statistics must be 'feature_sum' and 'count', got {sorted(stats)}")
+        if total.shape != (dim,) or total.dtype != torch.float64 or count.shape != () or count.dtype != torch.int64:
+            raise ValueError(f"DICE statistics must be a float64 'feature_sum' of {dim} and an int64 'count'")
+        if int(count) < 0:
+            raise ValueError("DICE statistics 'count' must be >= 0")
+        self._feature_sum += total.to(self._feature_sum.device)
+        self._count += int(count)
 
     def _finish_fit(self) -> None:
         if self._count == 0:

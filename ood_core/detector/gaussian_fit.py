@@ -22,6 +22,8 @@ class ClassGaussianFit(Detector):
     """Fit hooks and sizes of a detector with class means ``mu`` (``C x D``) fitted from one streaming pass.
 
     Subclasses declare ``mu`` (and whatever else :meth:`_store_gaussians` sets) in their ``state_spec``.
+    The fit is one pass; its statistics (:meth:`ClassGaussianStats.to_tensors`) merge across shards with
+    the parallel formula of :meth:`ClassGaussianStats.merge`.
     """
 
     requires_fit = True
@@ -46,7 +48,15 @@ class ClassGaussianFit(Detector):
 
     def _finish_fit(self) -> None:
         self._store_gaussians(self._stats)
-        del self._stats
+        self._stats = ClassGaussianStats()
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """Per-class counts, reference points, shifted sums and the pooled scatter (float64, see
+        :meth:`ClassGaussianStats.to_tensors`); merged with the parallel formula."""
+        return self._stats.to_tensors()
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        self._stats.merge(stats, self.device)
 
     @abstractmethod
     def _store_gaussians(self, stats: ClassGaussianStats) -> None:

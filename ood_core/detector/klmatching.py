@@ -76,6 +76,33 @@ class KLMatching(Detector):
         self._sums.index_add_(0, predicted, probs)
         self._n += torch.bincount(predicted, minlength=classes)
 
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """``sums`` (``C x C`` float64 posteriors per predicted class) and ``counts`` (int64); merged by
+        addition."""
+        if self._sums is None or self._n is None:
+            return {}
+        return {"sums": self._sums, "counts": self._n}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        sums, counts = stats.get("sums"), stats.get("counts")
+        if set(stats) != {"sums", "counts"} or sums is None or counts is None:
+            raise ValueError(f"KLMatching statistics must be 'sums' and 'counts', got {sorted(stats)}")
+        classes = counts.shape[0] if counts.dim() == 1 else -1
+        if sums.shape != (classes, classes) or sums.dtype != torch.float64 or counts.dtype != torch.int64:
+            raise ValueError("KLMatching statistics must be float64 'sums' C x C and int64 'counts' C")
+        if self._n is not None and self._n.shape[0] != classes:
+            raise ValueError(f"KLMatching statistics have {classes} classes, this fit {self._n.shape[0]}")
+        if bool((counts < 0).any()):
+            raise ValueError("KLMatching statistics 'counts' must be >= 0")
+        device = self._sums.device if self._sums is not None else self.device
+        if self._sums is None or self._n is None:
+            self._sums, self._n = sums.to(device, copy=True), counts.to(device, copy=True)
+        else:
+            self._sums += sums.to(device)
+            self._n += counts.to(device)
+
     def _finish_fit(self) -> None:
         if self._sums is None or self._n is None or int(self._n.sum()) == 0:
             raise ValueError("KLMatching: no ID samples (labels >= 0) to fit on")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask, model_or_encoder
 
 #: most elements of one ``queries x bank`` similarity block (64 MiB in float32)
 MAX_BLOCK_ELEMENTS = 1 << 24
@@ -42,6 +42,41 @@ def bf16_matmul_is_fast(device_type: str) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+#: scikit-learn ``NearestNeighbors`` keywords that do not change an exact Euclidean k-NN search
+IGNORED_SKLEARN_KEYWORDS = frozenset({"algorithm", "leaf_size", "n_jobs", "radius"})
+#: ``metric`` values that are the Euclidean distance (``minkowski`` with ``p=2``, scikit-learn's default)
+EUCLIDEAN_METRICS = frozenset({"minkowski", "euclidean", "l2"})
+
+
+def sklearn_neighbours(k: int, knn_kwargs: dict[str, Any]) -> int:
+    """``k`` from the detector's ``k`` and pytorch-ood's scikit-learn ``**knn_kwargs``.
+
+    ``n_neighbors`` gives the neighbour's rank (``KNN(model, n_neighbors=1)``: the nearest neighbour, the seed's
+    score); with ``k`` also set to another value than the default 50 the two must agree. ``metric`` (and
+    ``p``, ``metric_params``) must describe the Euclidean distance; the search options in
+    :data:`IGNORED_SKLEARN_KEYWORDS` are accepted and ignored. Unknown keywords raise ``TypeError`` as a
+    function call would; invalid values ``ValueError``."""
+    kwargs = dict(knn_kwargs)
+    n_neighbors = kwargs.pop("n_neighbors", None)
+    metric = kwargs.pop("metric", "minkowski")
+    power = kwargs.pop("p", 2)
+    metric_params = kwargs.pop("metric_params", None)
+    unknown = sorted(set(kwargs) - IGNORED_SKLEARN_KEYWORDS)
+    if unknown:
+        raise TypeError(f"KNN() got an unexpected keyword argument '{unknown[0]}'")
+    if metric not in EUCLIDEAN_METRICS or (metric == "minkowski" and power != 2) or metric_params:
+        raise ValueError(f"KNN searches by Euclidean distance only, got metric={metric!r}, p={power!r}")
+    if n_neighbors is not None:
+        if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int):
+            raise TypeError(f"n_neighbors must be an int, got {n_neighbors!r}")
+        if k not in (50, n_neighbors):
+            raise TypeError(f"KNN got k={k} and n_neighbors={n_neighbors}: give one of them")
+        k = n_neighbors
+    if isinstance(k, bool) or int(k) != k or int(k) < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
 
 
 def l2_normalize(z: Tensor) -> Tensor:
@@ -76,20 +111,25 @@ class KNN(Detector):
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
     :param k: rank of the neighbour whose distance is the score (the paper: 50 for CIFAR-10)
     :param normalize: L2-normalize ID and test features first (as in the paper)
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them)
+    :param knn_kwargs: the keywords of scikit-learn's ``NearestNeighbors`` that pytorch-ood passes on
+        (:func:`sklearn_neighbours`): ``n_neighbors`` sets ``k``; the exact Euclidean search here makes
+        ``algorithm``, ``leaf_size``, ``n_jobs`` and ``radius`` irrelevant (accepted, ignored); ``metric`` must
+        be Euclidean. Any other keyword raises ``TypeError``.
     """
 
     state_spec = {"bank": TensorSpec(("N", "D"), torch.float32)}
     requires_fit = True
     input_kind = "features"
 
-    def __init__(self, model: Any = None, k: int = 50, normalize: bool = True) -> None:
+    def __init__(
+        self, model: Any = None, k: int = 50, normalize: bool = True, *, encoder: Any = None, **knn_kwargs: Any
+    ) -> None:
         super().__init__()
-        self.model = model
-        self.k = int(k)
+        self.model = model_or_encoder(model, encoder, "KNN")
+        self.k = sklearn_neighbours(k, knn_kwargs)
         self.normalize = bool(normalize)
         self._bf16_cache: tuple[Tensor, int, Tensor, Tensor] | None = None
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
 
     def hparams(self) -> dict[str, Any]:
         return {"k": self.k, "normalize": self.normalize}
@@ -97,7 +137,7 @@ class KNN(Detector):
     @classmethod
     def from_state(cls, hparams: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, Any]) -> KNN:
         detector = cls(**modules, **hparams)
-        if tensors["bank"].shape[0] < detector.k:
+        if "bank" in tensors and tensors["bank"].shape[0] < detector.k:
             raise ValueError(f"bank has {tensors['bank'].shape[0]} features, fewer than k={detector.k}")
         return detector
 
@@ -131,6 +171,26 @@ class KNN(Detector):
         part = self._prepare(z if bool(keep.all()) else z[keep])
         # own the memory: the bank must not alias the caller's tensor (normalization already copies)
         self._parts.append(part if self.normalize or part.data_ptr() != z.data_ptr() else part.clone())
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """``bank``: the (normalized) ID features seen so far; shards merge by concatenation, in order."""
+        if not self._parts:
+            return {}
+        if len(self._parts) > 1:
+            self._parts = [torch.cat(self._parts)]
+        return {"bank": self._parts[0]}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        if set(stats) != {"bank"}:
+            raise ValueError(f"KNN statistics must be 'bank', got {sorted(stats)}")
+        bank = stats["bank"]
+        width = self._parts[0].shape[1] if self._parts else bank.shape[1]
+        if bank.dim() != 2 or bank.shape[1] != width or bank.dtype != torch.float32:
+            raise ValueError(f"KNN statistics 'bank' must be float32 N x {width}, got {bank.dtype} {tuple(bank.shape)}")
+        device = self._parts[0].device if self._parts else self.device
+        self._parts.append(bank.to(device, copy=True))
 
     def _finish_fit(self) -> None:
         parts, self._parts = self._parts, []

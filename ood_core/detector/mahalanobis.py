@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import TensorSpec
+from ood_core.api import TensorSpec, model_or_encoder
 from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
@@ -50,6 +50,7 @@ class Mahalanobis(ClassGaussianFit):
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
     :param eps: magnitude of the input preprocessing (0 disables it)
     :param norm_std: per-channel standard deviations of the input normalization
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them)
     """
 
     state_spec = {
@@ -57,9 +58,16 @@ class Mahalanobis(ClassGaussianFit):
         "precision": TensorSpec(("D", "D"), torch.float64),
     }
 
-    def __init__(self, model: Any = None, eps: float = 0.002, norm_std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        eps: float = 0.002,
+        norm_std: Sequence[float] | None = None,
+        *,
+        encoder: Any = None,
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model_or_encoder(model, encoder, "Mahalanobis")
         self.eps = float(eps)
         self.norm_std = None if norm_std is None else [float(s) for s in norm_std]
         if not (math.isfinite(self.eps) and self.eps >= 0):

@@ -71,6 +71,8 @@ class MultiMahalanobis(Detector):
         cls, hparams: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, Any]
     ) -> MultiMahalanobis:
         detector = cls(**modules, **hparams)
+        if "layer_dims" not in tensors:  # a fit checkpoint before the fit finished: nothing fitted to check
+            return detector
         dims, mu, precision = tensors["layer_dims"], tensors["mu"], tensors["precision"]
         if bool((dims < 1).any()) or int(dims.max()) != mu.shape[2]:
             raise ValueError(f"layer_dims {dims.tolist()} must be >= 1 with maximum {mu.shape[2]}")
@@ -117,9 +119,32 @@ class MultiMahalanobis(Detector):
         for stats, layer_z in zip(self._stats, z, strict=True):
             stats.update(pooled_features(layer_z), y)
 
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """Each layer's :meth:`ClassGaussianStats.to_tensors`, prefixed ``layer{i}.``."""
+        return {f"layer{i}.{k}": t for i, stats in enumerate(self._stats) for k, t in stats.to_tensors().items()}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        """Merge per layer (the parallel formula of :meth:`ClassGaussianStats.merge`)."""
+        if not stats:
+            return
+        layers: dict[int, dict[str, Tensor]] = {}
+        for name, t in stats.items():
+            prefix, _, key = name.partition(".")
+            if not (prefix.startswith("layer") and prefix[5:].isdigit()):
+                raise ValueError(f"MultiMahalanobis statistics must be named layer<i>.<name>, got {name!r}")
+            layers.setdefault(int(prefix[5:]), {})[key] = t
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"MultiMahalanobis statistics have layers {sorted(layers)}, expected 0..L-1")
+        if not self._stats:
+            self._stats = [ClassGaussianStats() for _ in layers]
+        if len(layers) != len(self._stats):
+            raise ValueError(f"got statistics of {len(layers)} layers, expected {len(self._stats)}")
+        for i, layer_stats in enumerate(self._stats):
+            layer_stats.merge(layers[i], self.device)
+
     def _finish_fit(self) -> None:
         fitted = [stats.finish() for stats in self._stats]
-        del self._stats
+        self._stats = []
         if self.alpha is not None and len(self.alpha) != len(fitted):
             raise ValueError(f"alpha has {len(self.alpha)} weights for {len(fitted)} layers")
         classes = {means.shape[0] for _, means, _ in fitted}

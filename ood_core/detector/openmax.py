@@ -6,6 +6,7 @@ Bendale, Boult: "Towards Open Set Deep Networks", CVPR 2016.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,6 +18,8 @@ from ood_core.api import Detector, TensorSpec, known_mask
 
 log = logging.getLogger(__name__)
 
+#: rows laid out per class at a time when keeping the tails (bounds the ``C x rows`` working matrix)
+TAIL_CHUNK = 4096
 #: libMR shifts the tail by this constant before fitting (kept, as in libMR, for comparable parameters)
 TRANSLATION = 10000.0
 
@@ -60,6 +63,10 @@ class OpenMax(Detector):
       As in libMR's ``FitHigh``, the tail is shifted by :math:`\tau_k = 10^4 - \min(\text{tail})` and a
       two-parameter Weibull (location 0) is fitted by maximum likelihood (:func:`weibull_mle`), so
       :math:`\mathrm{CDF}_k(d) = 1 - \exp(-((d + \tau_k) / \lambda_k)^{\kappa_k})`.
+
+    The fit takes two passes over the data (:attr:`fit_passes`): the centres, then the distances to them,
+    keeping only each class's ``tailsize`` largest (memory ``O(C^2 + C \cdot tailsize)``); both passes'
+    statistics merge exactly across shards.
 
     Predict, for logits :math:`v` whose classes ranked by activation are :math:`s(1), s(2), \dots`: for the
     top :math:`\alpha` classes :math:`\omega_{s(i)} = 1 - \frac{\alpha - i + 1}{\alpha}\mathrm{CDF}_{s(i)}(d_{s(i)}(v))`
@@ -109,29 +116,118 @@ class OpenMax(Detector):
     def num_classes(self) -> int | None:
         return int(self.centers.shape[0]) if self.is_fitted else None
 
-    # ------------------------------------------------------------------ fit
-    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
-        # only correctly classified ID samples enter the fit
+    # ------------------------------------------------------------------ fit: two passes
+    @property
+    def fit_passes(self) -> int:
+        """2: the class centres (pass 0), then each class's largest distances to its centre (pass 1)."""
+        return 2
+
+    def _begin_fit(self) -> None:
+        self._sums: Tensor | None = None  # pass 0: C x C float64 sums of correct logits; pass 1: C x T tails
+        self._counts: Tensor | None = None  # C int64: correct samples (pass 0), valid tail entries (pass 1)
+
+    def _correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The correctly classified ID samples (float64 logits) and their labels."""
+        if z.dim() != 2:
+            raise ValueError(f"OpenMax expects B x C logits, got shape {tuple(z.shape)}")
         y = y.reshape(-1).to(z.device)
         keep = known_mask(y) & (z.argmax(dim=1) == y)
-        self._fit_buffer.append((z[keep].detach().to(torch.float64), y[keep]))
+        return z[keep].detach().to(torch.float64), y[keep].long()
 
-    def _fit_all(self, z: Tensor, y: Tensor) -> None:
+    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
+        v, labels = self._correct(z, y)
         classes = z.shape[1]
-        y = y.to(z.device)
-        counts = torch.bincount(y, minlength=classes)
-        centers = torch.zeros(classes, classes, dtype=torch.float64, device=z.device).index_add_(0, y, z)
-        centers /= counts.clamp(min=1).unsqueeze(1)
-        own = self._rowwise_distance(z, centers[y], self.euclid_weight).cpu().numpy()
-        labels = y.cpu().numpy()
+        if self._sums is None or self._counts is None:
+            width = classes if self.fit_pass == 0 else self.tailsize
+            fill = 0.0 if self.fit_pass == 0 else -math.inf
+            self._sums = torch.full((classes, width), fill, dtype=torch.float64, device=z.device)
+            self._counts = torch.zeros(classes, dtype=torch.int64, device=z.device)
+        if self._counts.shape[0] != classes:
+            raise ValueError(f"OpenMax: batch has {classes} classes, earlier batches {self._counts.shape[0]}")
+        v, labels = v.to(self._sums.device), labels.to(self._sums.device)
+        if self.fit_pass == 0:
+            self._sums.index_add_(0, labels, v)
+            self._counts += torch.bincount(labels, minlength=classes)
+            return
+        own = self._rowwise_distance(v, self.centers.to(v.device)[labels], self.euclid_weight)
+        for rows, ks in zip(own.split(TAIL_CHUNK), labels.split(TAIL_CHUNK), strict=True):
+            self._add_tail(rows, ks)
+
+    def _add_tail(self, distances: Tensor, labels: Tensor) -> None:
+        """Keep per class the ``tailsize`` largest distances seen (padding ``-inf``): the new distances are laid
+        out as a ``C x m`` matrix by class, appended to the tails, and ``topk`` keeps the largest."""
+        assert self._sums is not None and self._counts is not None
+        classes = self._counts.shape[0]
+        per_class = torch.bincount(labels, minlength=classes)
+        order = torch.argsort(labels, stable=True)
+        sorted_labels = labels[order]
+        starts = torch.cumsum(per_class, 0) - per_class
+        rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
+        width = int(per_class.max()) if labels.numel() else 0
+        laid = torch.full((classes, width), -math.inf, dtype=torch.float64, device=labels.device)
+        laid[sorted_labels, rank] = distances[order]
+        both = torch.cat([self._sums, laid], dim=1)
+        self._sums = both.topk(self.tailsize, dim=1).values
+        self._counts = (self._counts + per_class).clamp_max(self.tailsize)
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """Pass 0: ``sums`` (``C x C`` float64, correct logits per class) and ``counts``; pass 1: ``tail``
+        (``C x tailsize``, each class's largest distances, zero-padded) and ``counts`` (valid entries).
+        Merged by summation (pass 0) and by keeping the ``tailsize`` largest of both tails (pass 1): exact."""
+        if self._sums is None or self._counts is None:
+            return {}
+        if self.fit_pass == 0:
+            return {"sums": self._sums, "counts": self._counts}
+        return {"tail": torch.where(torch.isfinite(self._sums), self._sums, 0.0), "counts": self._counts}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        key = "sums" if self.fit_pass == 0 else "tail"
+        if set(stats) != {key, "counts"}:
+            raise ValueError(
+                f"OpenMax pass {self.fit_pass} statistics must be '{key}' and 'counts', got {sorted(stats)}"
+            )
+        values, counts = stats[key], stats["counts"]
+        classes = counts.shape[0] if counts.dim() == 1 else -1
+        width = classes if self.fit_pass == 0 else self.tailsize
+        if counts.dtype != torch.int64 or classes < 1 or tuple(values.shape) != (classes, width):
+            raise ValueError(f"OpenMax statistics must be '{key}' C x {width} and int64 'counts' of C")
+        if bool((counts < 0).any()) or (self.fit_pass == 1 and bool((counts > self.tailsize).any())):
+            raise ValueError("OpenMax statistics 'counts' out of range")
+        if self._counts is not None and self._counts.shape[0] != classes:
+            raise ValueError(f"OpenMax statistics have {classes} classes, this fit {self._counts.shape[0]}")
+        device = self._counts.device if self._counts is not None else self.device
+        values, counts = values.to(device, torch.float64), counts.to(device)
+        if self.fit_pass == 0:
+            self._sums = values.clone() if self._sums is None else self._sums + values
+            self._counts = counts.clone() if self._counts is None else self._counts + counts
+            return
+        valid = torch.arange(width, device=device)[None, :] < counts[:, None]
+        tail = torch.where(valid, values, -math.inf)
+        if self._sums is None or self._counts is None:
+            self._sums, self._counts = tail, counts.clone()
+            return
+        self._sums = torch.cat([self._sums, tail], dim=1).topk(self.tailsize, dim=1).values
+        self._counts = (self._counts + counts).clamp_max(self.tailsize)
+
+    def _finish_fit(self) -> None:
+        if self._sums is None or self._counts is None:
+            raise ValueError("OpenMax: no data to fit on")
+        sums, counts = self._sums, self._counts
+        classes = counts.shape[0]
+        if self.fit_pass == 0:
+            self.centers = sums / counts.clamp(min=1).unsqueeze(1)
+            return
         weibull = torch.zeros(classes, 4, dtype=torch.float64)
         weibull[:, 1] = 1.0
         for k in range(classes):
             if counts[k] == 0:
                 log.warning("OpenMax: class %d has no correctly classified sample; it gets no model", k)
                 continue
-            weibull[k] = torch.tensor(self._fit_tail(own[labels == k]), dtype=torch.float64)
-        self.centers, self.weibull = centers, weibull.to(z.device)
+            tail = sums[k, : int(counts[k])].cpu().numpy()
+            weibull[k] = torch.tensor(self._fit_tail(tail), dtype=torch.float64)
+        self.weibull = weibull.to(sums.device)
 
     def _fit_tail(self, distances: np.ndarray) -> tuple[float, float, float, float]:
         """libMR ``FitHigh``: Weibull of the ``tailsize`` largest distances, shifted so their minimum is 10^4."""

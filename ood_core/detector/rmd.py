@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import TensorSpec
+from ood_core.api import TensorSpec, model_or_encoder
 from ood_core.detector.gaussian_fit import ClassGaussianFit
 from ood_core.gaussian import (
     ClassGaussianStats,
@@ -39,6 +39,7 @@ class RMD(ClassGaussianFit):
     feature maps are averaged over space.
 
     :param model: network that outputs features (may be ``None`` for ``*_features`` methods)
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them)
     """
 
     state_spec = {
@@ -48,9 +49,9 @@ class RMD(ClassGaussianFit):
         "background_precision": TensorSpec(("D", "D"), torch.float64),
     }
 
-    def __init__(self, model: Any = None) -> None:
+    def __init__(self, model: Any = None, *, encoder: Any = None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model_or_encoder(model, encoder, "RMD")
 
     def check_state(self) -> None:
         """Finite tensors; both precisions symmetric positive semi-definite and not all zero."""

@@ -12,7 +12,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, TensorSpec, known_mask
+from ood_core.api import Detector, TensorSpec, known_mask, model_or_encoder
 
 
 class SHE(Detector):
@@ -27,6 +27,7 @@ class SHE(Detector):
 
     :param model: feature extractor (``B x D`` features; may be ``None`` for the ``*_features`` methods)
     :param head: maps features to ``B x C`` logits
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them)
     """
 
     requires_fit = True
@@ -34,9 +35,15 @@ class SHE(Detector):
     external_modules = ("model", "head")
     state_spec = {"patterns": TensorSpec(("C", "D"))}
 
-    def __init__(self, model: Callable[[Tensor], Tensor] | None, head: Callable[[Tensor], Tensor] | None) -> None:
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor] | None = None,
+        head: Callable[[Tensor], Tensor] | None = None,
+        *,
+        encoder: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model_or_encoder(model, encoder, "SHE")
         self.head = head
 
     @classmethod
@@ -76,6 +83,33 @@ class SHE(Detector):
             )
         self._sums.index_add_(0, y[correct], z[correct].to(torch.float64))
         self._counts.index_add_(0, y[correct], torch.ones_like(y[correct], dtype=torch.float64))
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """``sums`` (``C x D`` float64) and ``counts`` (``C`` float64) of the correct ID samples; merged by
+        addition."""
+        if self._sums is None or self._counts is None:
+            return {}
+        return {"sums": self._sums, "counts": self._counts}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        sums, counts = stats.get("sums"), stats.get("counts")
+        if set(stats) != {"sums", "counts"} or sums is None or counts is None:
+            raise ValueError(f"SHE statistics must be 'sums' and 'counts', got {sorted(stats)}")
+        if sums.dim() != 2 or counts.shape != sums.shape[:1] or not sums.is_floating_point():
+            raise ValueError("SHE statistics must be 'sums' C x D and 'counts' C")
+        if self._sums is not None and sums.shape != self._sums.shape:
+            raise ValueError(f"SHE statistics are {tuple(sums.shape)}, this fit {tuple(self._sums.shape)}")
+        if bool((counts < 0).any()):
+            raise ValueError("SHE statistics 'counts' must be >= 0")
+        device = self._sums.device if self._sums is not None else self.device
+        sums, counts = sums.to(device, torch.float64), counts.to(device, torch.float64)
+        if self._sums is None or self._counts is None:
+            self._sums, self._counts = sums.clone(), counts.clone()
+        else:
+            self._sums += sums
+            self._counts += counts
 
     def _finish_fit(self) -> None:
         sums, counts = self._sums, self._counts

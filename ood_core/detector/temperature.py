@@ -53,6 +53,21 @@ class TemperatureScaling(Detector):
         known = known_mask(labels)
         self._fit_buffer.append((logits[known].detach(), labels[known]))
 
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        """Statistics are the labelled ID logits, ``z`` (``N x C``) and ``y`` (``N``), gathered: the likelihood
+        of a temperature has no smaller sufficient statistic."""
+        if stats:
+            z, y = stats.get("z"), stats.get("y")
+            if set(stats) != {"z", "y"} or z is None or y is None:
+                raise ValueError(f"TemperatureScaling statistics must be 'z' and 'y', got {sorted(stats)}")
+            if z.dim() != 2 or y.shape != z.shape[:1] or not z.is_floating_point() or y.is_floating_point():
+                raise ValueError(
+                    "TemperatureScaling statistics must be float logits 'z' N x C and integer labels 'y' N"
+                )
+            if self._fit_buffer and (classes := self._fit_buffer[0][0].shape[1]) != z.shape[1]:
+                raise ValueError(f"TemperatureScaling statistics have {z.shape[1]} classes, this fit {classes}")
+        super()._merge_fit_statistics(stats)
+
     def _fit_all(self, z: Tensor, y: Tensor) -> None:
         if z.shape[0] == 0:
             raise ValueError("TemperatureScaling: no ID samples (labels >= 0) to fit on")

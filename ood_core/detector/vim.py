@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
+from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask, model_or_encoder, required
 from ood_core.gaussian import CHUNK_ROWS
 from ood_core.utils import add_gram, symmetric_from_upper
 
@@ -34,11 +34,11 @@ class ViM(Detector):
     is exactly its log-odds (same ranking, no saturation near 0 or 1) and the official implementation's score
     with the sign flipped so that higher is more OOD.
 
-    Fit: ``alpha`` needs the residual norms, i.e. a second pass after the eigendecomposition, so the ID
-    features are kept during the fit (as in the paper's code). The moment is accumulated in float64 over row
-    chunks, each chunk's product in the features' dtype (float32 GEMM, or float64 for float64 features);
-    the eigendecomposition is float64; the residual norms and logits for alpha are in the features' dtype,
-    summed in float64. :meth:`predict_features` computes in float32 (float64 for
+    Fit: two passes over the data (:attr:`fit_passes`), in memory ``O(D^2)`` whatever the data size. Pass 0
+    accumulates the moment in float64 over row chunks, each chunk's product in the features' dtype (float32
+    GEMM, or float64 for float64 features), and takes the eigendecomposition (float64); pass 1 needs the
+    principal subspace for the residual norms and sums them and the maximum logits (in the features'
+    dtype, summed in float64) for alpha. Both passes' statistics are sums, merged across shards by addition. :meth:`predict_features` computes in float32 (float64 for
     float64 input), like the network's own logits. State: ``w``, ``b`` (float32, the constructor's), ``u``,
     ``principal`` (the ``d`` orthonormal principal directions, ``D x d``) and ``alpha`` (float64).
     Labels < 0 are ignored.
@@ -47,6 +47,8 @@ class ViM(Detector):
     :param d: dimension of the principal subspace (reduced to ``D // 2`` with a warning if ``d >= D``)
     :param w: weights of the last layer, ``C x D``
     :param b: biases of the last layer, ``C``
+    :param encoder: pytorch-ood 0.4's name for ``model`` (give one of them); ``d``, ``w`` and ``b`` are
+        required either way
     """
 
     state_spec = {
@@ -59,9 +61,19 @@ class ViM(Detector):
     requires_fit = True
     input_kind = "features"
 
-    def __init__(self, model: Any, d: int, w: Tensor, b: Tensor) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        d: int | None = None,
+        w: Tensor | None = None,
+        b: Tensor | None = None,
+        *,
+        encoder: Any = None,
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model_or_encoder(model, encoder, "ViM")
+        required("ViM", d=d, w=w, b=b)
+        assert d is not None
         self.d = int(d)
         if self.d < 1:
             raise ValueError(f"d must be >= 1, got {d}")
@@ -78,7 +90,7 @@ class ViM(Detector):
     @classmethod
     def from_state(cls, hparams: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, Any]) -> ViM:
         detector = cls(**modules, **hparams, w=tensors["w"], b=tensors["b"])
-        if tensors["principal"].shape[1] != detector.d:
+        if "principal" in tensors and tensors["principal"].shape[1] != detector.d:
             raise ValueError(f"principal has {tensors['principal'].shape[1]} columns, expected d = {detector.d}")
         return detector
 
@@ -105,42 +117,92 @@ class ViM(Detector):
         dtype = x.dtype if x.is_floating_point() else torch.float32
         return x.to(dtype) @ self.w.to(dtype).T + self.b.to(dtype)
 
-    def _finish_fit(self) -> None:
-        if len(self._fit_buffer) == 1 and isinstance(self._fit_buffer[0][0], Tensor):  # no copy for one batch
-            (z, y), self._fit_buffer = self._fit_buffer[0], []
-            self._fit_all(z, y)
-        else:
-            super()._finish_fit()
+    # ------------------------------------------------------------------ fit: two passes
+    @property
+    def fit_passes(self) -> int:
+        """2: the principal subspace (pass 0), then alpha from the residual norms (pass 1)."""
+        return 2
 
-    def _fit_all(self, z: Tensor, y: Tensor) -> None:
+    def _begin_fit(self) -> None:
+        self._count = torch.zeros((), dtype=torch.int64)
+        self._sums: dict[str, Tensor] = {}
+
+    def _fit_batch(self, z: Tensor, y: Tensor) -> None:
         z = self._to_device(z.detach().flatten(1))
         known = known_mask(y.reshape(-1).to(z.device))
         z = z if bool(known.all()) else z[known]
+        if z.shape[1] != self.w.shape[1]:
+            raise ValueError(f"features have {z.shape[1]} dimensions, w expects {self.w.shape[1]}")
         if z.shape[0] == 0:
-            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
-        dim = z.shape[1]
-        if dim != self.w.shape[1]:
-            raise ValueError(f"features have {dim} dimensions, w expects {self.w.shape[1]}")
-        if self.d >= dim:
-            warnings.warn(f"d={self.d} >= feature dimension {dim}: using d={dim // 2}", stacklevel=3)
-            self.d = dim // 2
+            return
         work = torch.float64 if z.dtype == torch.float64 else torch.float32
-        origin = self.u.to(work)  # u rounded to the working dtype; the rounding is corrected exactly below
+        self._count += z.shape[0]
+        if self.fit_pass == 0:
+            self._add(moment=self._moment_about_u(z, work))
+        else:
+            residual = torch.cat([self.residual_norm(rows, work) for rows in z.split(CHUNK_ROWS)])
+            max_logit = self.logits(z).max(1).values
+            self._add(residual_sum=residual.sum(dtype=torch.float64), logit_sum=max_logit.sum(dtype=torch.float64))
+
+    def _add(self, **parts: Tensor) -> None:
+        for name, part in parts.items():
+            self._sums[name] = part if name not in self._sums else self._sums[name] + part.to(self._sums[name].device)
+
+    def _moment_about_u(self, z: Tensor, work: torch.dtype) -> Tensor:
+        r""":math:`\sum_i (x_i-u)(x_i-u)^\top` of one batch in float64 (upper triangle exact, see the class
+        docstring): rows shifted by ``u`` rounded to ``work``, and the rounding corrected exactly,
+        :math:`\sum (s-e)(s-e)^\top = \sum s s^\top - e t^\top - t e^\top + n e e^\top` with
+        :math:`s = x - \tilde u`, :math:`e = u - \tilde u`, :math:`t = \sum s`."""
+        dim = z.shape[1]
+        origin = self.u.to(z.device).to(work)
         moment = z.new_zeros(dim, dim, dtype=torch.float64)
         total = z.new_zeros(dim, dtype=torch.float64)
         for rows in z.split(CHUNK_ROWS):
             shifted = rows.to(work) - origin
             add_gram(moment, shifted)
-            total += shifted.sum(0).to(torch.float64)  # only enters the (tiny) correction for rounding u
-        # sum (x-u)(x-u)^T = sum (s-e)(s-e)^T with s = x - origin, e = u - origin (exact float64 algebra)
-        error = self.u - origin.to(torch.float64)
-        moment = symmetric_from_upper(moment) - torch.outer(error, total) - torch.outer(total, error)
-        moment += z.shape[0] * torch.outer(error, error)
-        _, vectors = torch.linalg.eigh((moment + moment.T) / (2 * z.shape[0]))  # ascending eigenvalues
-        self.principal = vectors[:, dim - self.d :].contiguous()
-        residual = torch.cat([self.residual_norm(rows, work) for rows in z.split(CHUNK_ROWS)])
-        max_logit = self.logits(z).max(1).values
-        self.alpha = (max_logit.sum(dtype=torch.float64) / residual.sum(dtype=torch.float64)).reshape(1)
+            total += shifted.sum(0).to(torch.float64)
+        error = self.u.to(z.device) - origin.to(torch.float64)
+        if bool((error != 0).any()):
+            moment -= torch.outer(error, total) + torch.outer(total, error)
+            moment += z.shape[0] * torch.outer(error, error)
+        return moment
+
+    def _fit_statistics(self) -> dict[str, Tensor]:
+        """Pass 0: ``count`` and ``moment`` (the second moment about ``u``, float64, summed); pass 1:
+        ``count``, ``residual_sum`` and ``logit_sum`` (float64). Shards merge by summation (one origin)."""
+        return {"count": self._count, **self._sums} if int(self._count) else {}
+
+    def _merge_fit_statistics(self, stats: dict[str, Tensor]) -> None:
+        if not stats:
+            return
+        names = {"count", "moment"} if self.fit_pass == 0 else {"count", "residual_sum", "logit_sum"}
+        if set(stats) != names:
+            raise ValueError(f"ViM pass {self.fit_pass} statistics must be {sorted(names)}, got {sorted(stats)}")
+        dim = int(self.w.shape[1])
+        shapes = {"count": (), "moment": (dim, dim), "residual_sum": (), "logit_sum": ()}
+        for name, t in stats.items():
+            want_dtype = torch.int64 if name == "count" else torch.float64
+            if tuple(t.shape) != shapes[name] or t.dtype != want_dtype:
+                raise ValueError(f"ViM statistics '{name}' must be {want_dtype} of shape {shapes[name]}")
+        if int(stats["count"]) < 0:
+            raise ValueError("ViM statistics 'count' must be >= 0")
+        self._count = self._count + stats["count"].cpu()
+        self._add(**{k: t.to(self.device) for k, t in stats.items() if k != "count"})
+
+    def _finish_fit(self) -> None:
+        n = int(self._count)
+        if n == 0:
+            raise ValueError("no in-distribution samples (labels >= 0) to fit on")
+        if self.fit_pass == 0:
+            dim = int(self.w.shape[1])
+            if self.d >= dim:
+                warnings.warn(f"d={self.d} >= feature dimension {dim}: using d={dim // 2}", stacklevel=3)
+                self.d = dim // 2
+            moment = symmetric_from_upper(self._sums["moment"])
+            _, vectors = torch.linalg.eigh((moment + moment.T) / (2 * n))  # ascending eigenvalues
+            self.principal = vectors[:, dim - self.d :].contiguous()
+        else:
+            self.alpha = (self._sums["logit_sum"] / self._sums["residual_sum"]).reshape(1).to(torch.float64)
 
     def _work_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``u`` and ``principal`` in ``dtype``, cached (keyed on the tensors themselves and their in-place
