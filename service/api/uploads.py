@@ -1,7 +1,8 @@
 """Stream a state upload's body into a file on the state volume, never holding it whole in memory.
 
-The raw body (``application/octet-stream``, ``application/x-safetensors`` or no content type) is written as it
-arrives; a ``multipart/form-data`` body goes through python-multipart's streaming parser and only the data of its
+The raw body (``application/octet-stream``, ``application/x-safetensors``, no content type, or
+``application/x-www-form-urlencoded``: what ``curl --data-binary @state.safetensors`` sends unless told otherwise;
+an upload has no form fields, so such a body can only be the file) is written as it arrives; a ``multipart/form-data`` body goes through python-multipart's streaming parser and only the data of its
 ``file`` (or ``state``) part is written. Writes are batched to :data:`WRITE_BYTES` and done in the thread pool, so
 a slow volume never blocks the event loop. The size limit and the body deadline are the middleware's
 (:mod:`service.api.middleware`).
@@ -21,7 +22,7 @@ from service.api.multipart import boundary_of
 from service.errors import BadRequestError, UnsupportedMediaTypeError
 
 WRITE_BYTES = 1 << 20
-RAW_TYPES = ("", "application/octet-stream", "application/x-safetensors")
+RAW_TYPES = ("", "application/octet-stream", "application/x-safetensors", "application/x-www-form-urlencoded")
 FILE_PARTS = ("file", "state")
 
 

@@ -133,14 +133,15 @@ def test_entry_point_passes_host_port_and_config_file(tmp_path: Path, monkeypatc
 
     class FakeServer:
         started = True
+        startup_failure = None
 
-        def __init__(self, config: uvicorn.Config) -> None:
-            served.update(app=config.app, host=config.host, port=config.port, config=config)
+        def __init__(self, config: uvicorn.Config, catalog: object) -> None:
+            served.update(app=config.app, host=config.host, port=config.port, config=config, catalog=catalog)
 
         def run(self) -> None:
             pass
 
-    monkeypatch.setattr(entry.uvicorn, "Server", FakeServer)
+    monkeypatch.setattr(entry, "StartupWatchingServer", FakeServer)
     monkeypatch.setattr(entry.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     entry.main(["--host", "0.0.0.0", "--port", "9123", "--config", str(config)])
     assert (served["host"], served["port"]) == ("0.0.0.0", 9123)
@@ -148,6 +149,7 @@ def test_entry_point_passes_host_port_and_config_file(tmp_path: Path, monkeypatc
     assert isinstance(uvicorn_config, uvicorn.Config) and uvicorn_config.server_header is False
     assert uvicorn_config.http.__name__ == "GuardedHttpToolsProtocol"  # type: ignore[union-attr]
     settings = served["app"].state.context.settings  # type: ignore[attr-defined]
+    assert served["catalog"] is served["app"].state.context.catalog  # type: ignore[attr-defined]  # watched
     assert settings.max_batch_size == 3 and settings.state_dir == tmp_path / "states"
     assert served["app"].state.services.keys.matches("file-key")  # type: ignore[attr-defined]
     monkeypatch.setenv("OOD_CONFIG", str(config))  # the same file through the environment
@@ -166,7 +168,7 @@ def test_ood_serve_console_script_is_the_entry_point() -> None:
 def test_entry_point_reports_a_bad_configuration_without_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(entry.uvicorn, "run", lambda *args, **kwargs: pytest.fail("must not serve"))
+    monkeypatch.setattr(entry, "StartupWatchingServer", lambda *args, **kwargs: pytest.fail("must not serve"))
     with pytest.raises(SystemExit, match="invalid configuration.*missing.yaml"):
         entry.main(["--config", str(tmp_path / "missing.yaml")])
     bad = tmp_path / "bad.yaml"
