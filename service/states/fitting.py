@@ -1,9 +1,11 @@
-"""Fit and calibrate a detector through the served model (the same preprocessing and forward as scoring).
+"""Fit and calibrate a detector on in-memory network outputs (the demo's fits and the ``/fit`` route's).
 
-Images go through :class:`~service.engine.preprocess.Preprocessor` and :meth:`ServedModel.forward`; the detector is
-fitted with ``fit_features`` on the output it consumes, then calibrated on held-out ID images
+Images go through :class:`~service.engine.preprocess.Preprocessor` and :meth:`ServedModel.forward` (the same
+preprocessing and forward as scoring); the detector (built by :func:`service.fit.detectors.new_detector`) is fitted
+with ``fit_features`` on the output it consumes, then calibrated on held-out ID images
 (:class:`~ood_core.calibration.Calibration`, threshold at 95% ID TPR, conformal p-values). The result is a
-``save_detector`` state, installed like an upload.
+``save_detector`` state, installed like an upload. The hold-out is :func:`service.fit.holdout.split_calibration`,
+stratified by class and seeded, the rule streaming fits (:func:`service.fit.runner.run_fit`) apply to sample keys.
 """
 
 from __future__ import annotations
@@ -13,44 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ood_core.api import Detector, InvalidStateError
 from ood_core.calibration import DEFAULT_TPR, Calibration
-from ood_core.state import detector_class, save_detector
+from ood_core.state import save_detector
 from service.engine.served_model import ServedModel
 from service.errors import BadRequestError
-from service.states.validate import check_servable, external_modules
+from service.fit.detectors import new_detector
+from service.fit.holdout import split_calibration
 
-
-def split_calibration(labels: Tensor, share: float, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Indices ``(fit, calibration)``: a seeded ``share`` of the ID images (label >= 0) is held out for
-    calibration; OOD-labelled images stay in the fit set (detectors ignore them where pytorch-ood does)."""
-    generator = torch.Generator().manual_seed(seed)
-    id_index = torch.nonzero(labels >= 0).flatten()
-    order = id_index[torch.randperm(id_index.numel(), generator=generator)]
-    n_cal = int(round(share * id_index.numel()))
-    if n_cal < 1 or n_cal >= id_index.numel():
-        raise BadRequestError(
-            f"cannot hold out {share:.0%} of {id_index.numel()} ID images for calibration: need at least one "
-            "image on each side"
-        )
-    calibration = torch.sort(order[:n_cal]).values
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[calibration] = False
-    return torch.nonzero(keep).flatten(), calibration
-
-
-def new_detector(model: ServedModel, class_name: str, hparams: dict[str, Any]) -> tuple[Detector, str]:
-    """An unfitted detector of ``class_name`` wired to ``model``'s networks; raise 400/422 if impossible."""
-    try:
-        cls = detector_class(class_name)
-    except InvalidStateError as exc:
-        raise BadRequestError(str(exc)) from exc
-    kind = check_servable(model, cls)
-    modules = external_modules(model, cls, kind)
-    try:
-        return cls(**modules, **hparams), kind
-    except (TypeError, ValueError) as exc:
-        raise BadRequestError(f"cannot build {class_name} with hparams {hparams}: {exc}") from exc
+__all__ = ["fit_state", "new_detector", "split_calibration"]
 
 
 def fit_state(
