@@ -94,13 +94,20 @@ SIGNATURES: dict[str, list[tuple[str, object]]] = {
         ("norm_std", None),
     ],
     "GEN": [("model", _REQUIRED), ("gamma", 0.1), ("M", None)],
-    "Mahalanobis": [("model", _REQUIRED), ("eps", 0.002), ("norm_std", None)],
+    "Mahalanobis": [("model", _REQUIRED), ("eps", 0.002), ("norm_std", None), ("encoder", None)],
     "MultiMahalanobis": [("model", _REQUIRED), ("alpha", None)],
-    "RMD": [("model", _REQUIRED)],
-    "ViM": [("model", _REQUIRED), ("d", _REQUIRED), ("w", _REQUIRED), ("b", _REQUIRED)],
-    "KNN": [("model", _REQUIRED), ("k", 50), ("normalize", True)],
-    "SHE": [("model", _REQUIRED), ("head", _REQUIRED)],
-    "DICE": [("model", _REQUIRED), ("w", _REQUIRED), ("b", _REQUIRED), ("p", _REQUIRED), ("detector", None)],
+    "RMD": [("model", _REQUIRED), ("encoder", None)],
+    "ViM": [("model", _REQUIRED), ("d", _REQUIRED), ("w", _REQUIRED), ("b", _REQUIRED), ("encoder", None)],
+    "KNN": [("model", _REQUIRED), ("k", 50), ("normalize", True), ("encoder", None), ("knn_kwargs", _REQUIRED)],
+    "SHE": [("model", _REQUIRED), ("head", _REQUIRED), ("encoder", None)],
+    "DICE": [
+        ("model", _REQUIRED),
+        ("w", _REQUIRED),
+        ("b", _REQUIRED),
+        ("p", _REQUIRED),
+        ("detector", None),
+        ("encoder", None),
+    ],
     "ASH": [
         ("backbone", _REQUIRED),
         ("head", _REQUIRED),
@@ -111,12 +118,49 @@ SIGNATURES: dict[str, list[tuple[str, object]]] = {
     "ReAct": [
         ("backbone", _REQUIRED),
         ("head", _REQUIRED),
-        ("threshold", None),
-        ("percentile", 0.9),
+        ("threshold", 1.0),
         ("detector", None),
+        ("percentile", None),
     ],
     "SCALE": [("backbone", _REQUIRED), ("head", _REQUIRED), ("percentile", 0.85), ("detector", None)],
+    "fDBD": [("encoder", _REQUIRED), ("head", _REQUIRED)],
+    "GMM": [("encoder", _REQUIRED), ("reg", 1e-6)],
+    "LTS": [("encoder", _REQUIRED), ("head", _REQUIRED), ("p", 0.05), ("detector", None)],
+    "NCI": [("encoder", _REQUIRED), ("head", _REQUIRED), ("alpha", 0.0)],
+    "NNGuide": [("encoder", _REQUIRED), ("head", _REQUIRED), ("k", 10)],
+    "PNML": [("encoder", _REQUIRED), ("head", _REQUIRED), ("eps", 1e-12)],
+    "RankFeat": [("backbone", _REQUIRED), ("head", _REQUIRED), ("detector", None)],
+    "VRA": [
+        ("backbone", _REQUIRED),
+        ("head", _REQUIRED),
+        ("lower_percentile", 0.01),
+        ("upper_percentile", 0.99),
+        ("detector", None),
+    ],
+    "Gram": [("head", _REQUIRED), ("feature_layers", _REQUIRED), ("num_classes", _REQUIRED), ("num_poles_list", None)],
+    "GradNorm": [("model", _REQUIRED), ("param_filter", None), ("micro_batch_size", 32), ("temperature", 1.0)],
+    "GradUncertainty": [("model", _REQUIRED), ("param_filter", None)],
+    "MahalanobisODIN": [("encoder", _REQUIRED), ("eps", 0.002), ("norm_std", None)],
+    "NACUE": [
+        ("model", _REQUIRED),
+        ("layers", _REQUIRED),
+        ("m_bins", 50),
+        ("alpha", 100.0),
+        ("o_star", 50),
+        ("feature_reduce", None),
+        ("device", None),
+    ],
+    "MCM": [("encoder", _REQUIRED), ("text_embeddings", _REQUIRED), ("temperature", 1.0)],
 }
+
+#: keyword-only arguments (``encoder``: pytorch-ood 0.4's name for ``model``; ReAct's ``percentile`` fit)
+KEYWORD_ONLY = {("ReAct", "percentile")} | {
+    (name, "encoder") for name in ("Mahalanobis", "RMD", "ViM", "KNN", "SHE", "DICE")
+}
+#: pytorch-ood 0.4.0 renamed ``model`` to ``encoder`` in these classes: both names work here
+ENCODER_ALIAS = {name for name, arg in KEYWORD_ONLY if arg == "encoder"}
+#: detectors that pytorch-ood 0.4.0 introduced with ``encoder`` as their first argument (there is no ``model``)
+ENCODER_NATIVE = {"fDBD", "GMM", "LTS", "NCI", "NNGuide", "PNML", "MahalanobisODIN", "MCM"}
 
 #: the detectors the issue lists for segmentation (B x C x H x W logits in, B x H x W scores out)
 SEGMENTATION = {
@@ -132,6 +176,7 @@ SEGMENTATION = {
     "ASH",
     "ReAct",
     "SCALE",
+    "RankFeat",
 }
 
 
@@ -143,6 +188,11 @@ def test_constructor_arguments_and_defaults_match_the_reference(name: str) -> No
     for parameter, (_, default) in zip(parameters, SIGNATURES[name], strict=True):
         if default is not _REQUIRED:
             assert parameter.default == default and type(parameter.default) is type(default), parameter.name
+        if (name, parameter.name) in KEYWORD_ONLY:
+            assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
+        if parameter.name == "knn_kwargs":
+            assert parameter.kind is inspect.Parameter.VAR_KEYWORD
+    assert ("encoder" in [p.name for p in parameters]) == (name in ENCODER_ALIAS | ENCODER_NATIVE)
 
 
 def test_segmentation_is_declared_by_exactly_the_listed_detectors() -> None:
