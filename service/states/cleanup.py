@@ -5,7 +5,7 @@ A write killed part-way (a crash, a SIGKILL, a power cut) can leave, besides the
 
 * ``.<name>.XXXX.tmp`` files in a detector folder (an ``active.json`` being written),
 * version files that were renamed into place but never committed by ``active.json`` (versions above the active
-  one), or that a committed write had not removed yet (versions below the kept previous one),
+  one), or that a committed write had not removed yet (versions below the kept ones),
 * a detector folder without ``active.json`` (its first write did not commit), and its lock file,
 * ``.uploads/*.tmp`` files of uploads that were never consumed,
 * ``.deleted-*`` folders of a delete that did not finish removing them.
@@ -13,8 +13,9 @@ A write killed part-way (a crash, a SIGKILL, a power cut) can leave, besides the
 The functions here assume the caller holds the detector's lock (:func:`clean_detector_folder`) or need no lock
 (:func:`clean_uploads`: an upload in progress holds an exclusive ``flock`` on its file, and only files whose lock
 can be taken without waiting are removed; :func:`clean_trash`: nothing refers to a renamed-away folder). The
-active version and the kept previous one (the highest version below the active one) are never removed, nor is
-anything in a folder whose ``active.json`` cannot be read (left for a person to look at). Model folders stay,
+active version and the kept earlier ones (the ``keep - 1`` highest below the active one,
+:mod:`service.states.versions`) are never removed, nor is anything in a folder whose ``active.json`` cannot be read
+(left for a person to look at). Model folders stay,
 even empty ones: the service's start-up takes a missing model folder for a first start.
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from service.settings import is_valid_name
+from service.states.versions import DEFAULT_KEEP, kept_below
 
 ACTIVE = "active.json"
 UPLOADS = ".uploads"
@@ -139,13 +141,13 @@ def active_version(folder: Path) -> int | None:
         return None
 
 
-def kept_versions(folder: Path) -> set[int] | None:
-    """The active version and the kept previous one; ``None`` if ``active.json`` exists but cannot be read."""
+def kept_versions(folder: Path, keep: int = DEFAULT_KEEP) -> set[int] | None:
+    """The active version and the ``keep - 1`` highest below it; ``None`` if ``active.json`` exists but cannot be
+    read."""
     active = active_version(folder)
     if active is None:
         return None if (folder / ACTIVE).exists() else set()
-    below = [v for v in versions(folder) if v < active]
-    return {active, max(below)} if below else {active}
+    return {active, *kept_below(versions(folder), active, keep)}
 
 
 def detector_names(model_folder: Path) -> list[str]:
@@ -159,7 +161,7 @@ def detector_names(model_folder: Path) -> list[str]:
     return sorted(names)
 
 
-def clean_detector_folder(root: Path, folder: Path, report: CleanupReport) -> bool:
+def clean_detector_folder(root: Path, folder: Path, report: CleanupReport, keep: int = DEFAULT_KEEP) -> bool:
     """Remove the leftovers in one detector folder (the caller holds its lock); ``True`` if the folder is gone."""
     if not folder.is_dir():
         return True
@@ -167,12 +169,12 @@ def clean_detector_folder(root: Path, folder: Path, report: CleanupReport) -> bo
         if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
             entry.unlink(missing_ok=True)
             report.temp_files.append(str(entry.relative_to(root)))
-    keep = kept_versions(folder)
-    if keep is None:
+    kept = kept_versions(folder, keep)
+    if kept is None:
         logger.warning("unreadable active.json: folder left as it is", extra={"folder": str(folder.relative_to(root))})
         return False
     for version in versions(folder):
-        if version not in keep:
+        if version not in kept:
             (folder / f"v{version}.safetensors").unlink(missing_ok=True)
             report.versions.append(str((folder / f"v{version}.safetensors").relative_to(root)))
     if not (folder / ACTIVE).exists():
@@ -217,7 +219,9 @@ def clean_trash(root: Path, model_folder: Path, report: CleanupReport) -> None:
             report.trash.append(str(entry.relative_to(root)))
 
 
-def clean_root(root: Path, locked: Callable[[str, str], AbstractContextManager[HeldLock]]) -> CleanupReport:
+def clean_root(
+    root: Path, locked: Callable[[str, str], AbstractContextManager[HeldLock]], keep: int = DEFAULT_KEEP
+) -> CleanupReport:
     """Clean the uploads and every detector folder under ``root``, each under ``locked(model, detector)``.
 
     A failure is logged and the rest still cleaned; model folders are left, even empty ones (their existence
@@ -237,7 +241,7 @@ def clean_root(root: Path, locked: Callable[[str, str], AbstractContextManager[H
             for name in detector_names(base):
                 had_lock_file = (base / f".{name}.lock").exists()
                 with locked(base.name, name) as held:
-                    held.drop = clean_detector_folder(root, base / name, report)
+                    held.drop = clean_detector_folder(root, base / name, report, keep)
                 if held.drop and had_lock_file:
                     report.lock_files.append(str(held.lock_file.relative_to(root)))
         except OSError:

@@ -3,10 +3,12 @@
 A write streams the state into an upload file ``<state_dir>/.uploads/.upload-XXXX.tmp`` (the states' file system)
 and fsyncs it; then, holding the detector's lock, renames it into place as the next version, fsyncs the folder
 and atomically replaces ``active.json`` (temporary file, fsync, rename: the commit point), then fsyncs the folder
-again so the renames survive a power cut. The previously active version's file is kept (the highest version below
-the active one); older ones are removed. ``active.json`` records the version, sha256, size, detector class and
-upload time; loading checks the sha256. :meth:`StateStore.put` (bytes) and :meth:`StateStore.put_file` (a
-finished :meth:`StateStore.upload`, hashed in chunks: memory does not grow with the state) share that commit.
+again so the renames survive a power cut. The last ``keep`` versions are kept (the active one and the ``keep - 1``
+highest below it); older ones are removed. ``active.json`` records the version, sha256, size, detector class and
+upload time, and the kept versions' ``history`` (:mod:`service.states.versions`: where each came from); loading
+checks the sha256. Writing the bytes of the active version again changes nothing (no new version).
+:meth:`StateStore.put` (bytes) and :meth:`StateStore.put_file` (a finished :meth:`StateStore.upload`, hashed in
+chunks: memory does not grow with the state) share that commit.
 
 A write that fails at any step leaves the previous ``active.json`` and its file untouched and removes what it
 made: its upload file, its version file, a detector folder (with lock file and model folder) it created. A full
@@ -36,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from ood_core.state import write_atomic
 from service.engine.active import StoredState
@@ -57,8 +60,31 @@ from service.states.cleanup import (
     same_file,
     versions,
 )
+from service.states.versions import (
+    DEFAULT_KEEP,
+    UPLOAD,
+    StoredVersion,
+    VersionOrigin,
+    active_entry,
+    from_file,
+    history_of,
+    kept_below,
+    utc_now,
+)
 
-__all__ = ["ACTIVE", "CleanupReport", "StateStore", "StoredState", "Upload", "check_name", "fsync_dir", "sha256_hex"]
+__all__ = [
+    "ACTIVE",
+    "CleanupReport",
+    "StateStore",
+    "StoredState",
+    "StoredVersion",
+    "Upload",
+    "VersionOrigin",
+    "check_name",
+    "fsync_dir",
+    "sha256_hex",
+]
+_STORED_FIELDS = ("version", "sha256", "size_bytes", "detector_class", "uploaded_at")
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CHUNK = 1 << 20
 logger = logging.getLogger("service.states")
@@ -87,10 +113,14 @@ def _no_space(what: str) -> InsufficientStorageError:
 
 
 class StateStore:
-    """Versioned, atomically written detector states of every model under ``root``."""
+    """Versioned, atomically written detector states of every model under ``root``; the last ``keep`` versions of
+    each are kept."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep: int = DEFAULT_KEEP) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
+        self.keep = keep
         self._lock = threading.Lock()
         self._live: dict[Path, Upload] = {}
 
@@ -107,13 +137,46 @@ class StateStore:
                 states.append(self.info(model, child.name))
         return states
 
-    def info(self, model: str, name: str) -> StoredState:
+    def _meta(self, model: str, name: str) -> dict[str, Any]:
         path = self._dir(model, name) / ACTIVE
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
+            meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DetectorNotFoundError(f"model {model!r} has no stored detector {name!r}") from None
-        return StoredState(model=model, name=name, **meta)
+        return meta
+
+    def info(self, model: str, name: str) -> StoredState:
+        meta = self._meta(model, name)
+        return StoredState(model=model, name=name, **{key: meta[key] for key in _STORED_FIELDS})
+
+    def versions(self, model: str, name: str) -> list[StoredVersion]:
+        """The kept versions, newest first (the active one is the highest). Takes no lock: a file removed
+        meanwhile is left out."""
+        folder = self._dir(model, name)
+        meta = self._meta(model, name)
+        active = int(meta["version"])
+        history = {**history_of(meta), active: active_entry(meta)}
+        found = []
+        for version in sorted({active, *kept_below(versions(folder), active, self.keep)}, reverse=True):
+            path = folder / f"v{version}.safetensors"
+            try:
+                found.append(history[version] if version in history else from_file(path, version))
+            except FileNotFoundError:
+                continue
+        return found
+
+    def open_version(self, model: str, name: str, version: int) -> tuple[StoredVersion, BinaryIO]:
+        """A kept version and its file, open for reading (a later write removing it does not affect the reader);
+        :class:`DetectorNotFoundError` if that version is not kept."""
+        kept = {v.version: v for v in self.versions(model, name)}
+        try:
+            entry = kept[version]
+            return entry, open(self._dir(model, name) / f"v{version}.safetensors", "rb")  # noqa: SIM115
+        except (KeyError, FileNotFoundError):
+            raise DetectorNotFoundError(
+                f"detector {name!r} of model {model!r} has no kept version {version}; kept: "
+                f"{', '.join(str(v) for v in sorted(kept)) or '(none)'}"
+            ) from None
 
     def read(self, model: str, name: str, attempts: int = 3) -> tuple[StoredState, bytes]:
         """The active version's bytes; raises ``ValueError`` if the file is missing or does not match its sha256.
@@ -201,18 +264,23 @@ class StateStore:
             self._live.pop(upload.path, None)
             close_upload(upload)
 
-    def put(self, model: str, name: str, data: bytes, detector_class: str) -> StoredState:
-        """Store ``data`` as the next version and make it active; keep the previously active version."""
+    def put(
+        self, model: str, name: str, data: bytes, detector_class: str, origin: VersionOrigin = UPLOAD
+    ) -> StoredState:
+        """Store ``data`` as the next version and make it active; keep the last ``keep`` versions."""
         self._dir(model, name)  # an invalid name fails before anything is written
         with self.upload() as upload:
             upload.file.write(data)
-            return self.put_file(model, name, upload.path, detector_class)
+            return self.put_file(model, name, upload.path, detector_class, origin)
 
-    def put_file(self, model: str, name: str, path: Path, detector_class: str) -> StoredState:
-        """Make the upload file ``path`` (of :meth:`upload`) the next version, active; keep the previous one.
+    def put_file(
+        self, model: str, name: str, path: Path, detector_class: str, origin: VersionOrigin = UPLOAD
+    ) -> StoredState:
+        """Make the upload file ``path`` (of :meth:`upload`) the next version, active; keep the last ``keep``.
 
         The file is flushed and closed (an upload of this store), fsynced and hashed in chunks, then renamed into
-        place under the detector's lock: consumed on success, left to its upload context on failure."""
+        place under the detector's lock: consumed on success, left to its upload context on failure. The same bytes
+        as the active version's change nothing: the active version is returned and the file is not consumed."""
         folder = self._dir(model, name)
         path = Path(path)
         if path.parent.resolve() != (self.root / UPLOADS).resolve():
@@ -220,7 +288,7 @@ class StateStore:
         try:
             digest, size = self._sync_and_hash(path)
             with self._locked(model, name) as held:
-                return self._commit(held, folder, path, digest, size, detector_class)
+                return self._commit(held, folder, path, (digest, size, detector_class), origin)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise _no_space(f"detector {name!r} of model {model!r}") from exc
@@ -243,16 +311,36 @@ class StateStore:
                 size += len(chunk)
         return digest.hexdigest(), size
 
-    def _commit(self, held: HeldLock, folder: Path, path: Path, digest: str, size: int, cls: str) -> StoredState:
-        """Rename ``path`` into place as the next version, then commit it by ``active.json`` (lock held)."""
+    def _identical(self, folder: Path, digest: str) -> StoredState | None:
+        """The active state if its bytes are ``digest`` (and its file is there), else ``None`` (lock held)."""
+        try:
+            meta = json.loads((folder / ACTIVE).read_text(encoding="utf-8"))
+            if meta.get("sha256") != digest or not (folder / f"v{int(meta['version'])}.safetensors").is_file():
+                return None
+            return StoredState(model=folder.parent.name, name=folder.name, **{k: meta[k] for k in _STORED_FIELDS})
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _commit(
+        self, held: HeldLock, folder: Path, path: Path, file: tuple[str, int, str], origin: VersionOrigin
+    ) -> StoredState:
+        """Rename ``path`` (``file``: its sha256, size and detector class) into place as the next version, then
+        commit it by ``active.json`` with the kept versions' history (lock held)."""
+        digest, size, cls = file
         created = not folder.is_dir()
         target: Path | None = None
+        if not created and (same := self._identical(folder, digest)) is not None:
+            return same
         try:
             if created:
                 folder.mkdir()
                 fsync_dir(folder.parent)
                 fsync_dir(self.root)
             previous = active_version(folder)
+            try:
+                old_history = history_of(json.loads((folder / ACTIVE).read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, AttributeError):
+                old_history = {}
             if previous is not None or not (folder / ACTIVE).exists():
                 for old in versions(folder):  # renamed into place by writes that never committed
                     if previous is None or old > previous:
@@ -267,9 +355,13 @@ class StateStore:
                 sha256=digest,
                 size_bytes=size,
                 detector_class=cls,
-                uploaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                uploaded_at=utc_now(),
             )
-            meta = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
+            entry = StoredVersion(info.version, digest, size, cls, info.uploaded_at, **asdict(origin))
+            earlier = kept_below(versions(folder), info.version, self.keep)
+            history = [old_history[v].to_json() for v in earlier if v in old_history] + [entry.to_json()]
+            meta: dict[str, Any] = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
+            meta["history"] = history
             write_atomic(folder / ACTIVE, json.dumps(meta, indent=1).encode())
         except BaseException:
             if target is not None:
@@ -280,11 +372,11 @@ class StateStore:
             raise
         try:  # committed: the rest only tidies up, so a failure is logged, not raised
             for old in versions(folder):
-                if old not in (info.version, previous):
+                if old != info.version and old not in earlier:
                     (folder / f"v{old}.safetensors").unlink(missing_ok=True)
             fsync_dir(folder)
             report = CleanupReport()
-            clean_detector_folder(self.root, folder, report)
+            clean_detector_folder(self.root, folder, report, self.keep)
             report.log()
         except OSError:
             logger.warning("cannot remove old versions", extra={"folder": str(folder)}, exc_info=True)
@@ -310,4 +402,4 @@ class StateStore:
     def cleanup(self) -> CleanupReport:
         """Remove what interrupted writes left under ``root``, each detector folder under its lock, and log it
         (see :mod:`service.states.cleanup`). Safe while other processes write: it never waits for an upload."""
-        return clean_root(self.root, self._locked)
+        return clean_root(self.root, self._locked, self.keep)

@@ -32,6 +32,8 @@ SCENARIOS = {  # target of the write, besides m/d (v1 = OLD1, v2 = OLD2) which e
     "new_model": ("n", "x"),
 }
 OLD1, OLD2, NEW = "old-1", "old-2", "new"
+KEEP = 2
+"""Versions kept: the writes of these tests also remove the one that falls out of the kept set."""
 CHUNKS = 4
 
 
@@ -66,7 +68,7 @@ def _patch(job: dict[str, Any], trace_fd: int) -> None:
 
 def _run_job(job: dict[str, Any]) -> None:
     root = Path(job["root"])
-    store = StateStore(root)
+    store = StateStore(root, keep=KEEP)
     store.put("m", "d", payload(OLD1), "X")
     store.put("m", "d", payload(OLD2), "X")
     model, name = SCENARIOS[job["scenario"]]

@@ -34,7 +34,7 @@ def files(folder: Path) -> list[str]:
 def test_cleanup_removes_the_leftovers_of_interrupted_writes_and_nothing_else(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = StateStore(tmp_path)
+    store = StateStore(tmp_path, keep=2)
     for payload in (b"one", b"two", b"three"):
         store.put("m", "d", payload, "X")  # v2 kept, v3 active
     m, d = tmp_path / "m", tmp_path / "m" / "d"

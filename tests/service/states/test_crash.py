@@ -18,7 +18,7 @@ import pytest
 
 from service.errors import DetectorNotFoundError, InsufficientStorageError
 from service.states.store import ACTIVE, CleanupReport, StateStore
-from tests.service.states.crash_child import CHUNKS, NEW, OLD1, OLD2, SCENARIOS, payload
+from tests.service.states.crash_child import CHUNKS, KEEP, NEW, OLD1, OLD2, SCENARIOS, payload
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -97,7 +97,7 @@ def check_recovered(run: dict[str, Any]) -> tuple[bool, CleanupReport]:
     lines = trace.read_text().splitlines() if trace.exists() else []
     committed = any(line.startswith("replace ") and line.endswith(f" {ACTIVE}") for line in lines)
     assert run["status"] == "killed" or committed
-    store = StateStore(root)
+    store = StateStore(root, keep=KEEP)
     report = store.cleanup()
     target = SCENARIOS[run["scenario"]]
     expected: dict[tuple[str, str], bytes | None] = {("m", "d"): payload(OLD2)}

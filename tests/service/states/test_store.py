@@ -73,13 +73,27 @@ def test_a_failed_write_leaves_the_active_version(tmp_path: Path, monkeypatch: p
     assert store.read("m", "d")[1] == b"third"
 
 
-def test_replacing_keeps_exactly_the_previous_version(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_replacing_keeps_exactly_the_last_versions(tmp_path: Path, keep: int) -> None:
+    store = StateStore(tmp_path, keep=keep)
     for version, payload in enumerate((b"a", b"b", b"c", b"d"), start=1):
         assert store.put("m", "d", payload, "EnergyBased").version == version
     folder = tmp_path / "m" / "d"
-    assert files(folder) == [ACTIVE, "v3.safetensors", "v4.safetensors"]
-    assert (folder / "v3.safetensors").read_bytes() == b"c"
+    kept = list(range(5 - keep, 5))
+    assert files(folder) == [ACTIVE, *(f"v{v}.safetensors" for v in kept)]
+    assert [(v.version, v.sha256) for v in store.versions("m", "d")] == [
+        (v, sha256_hex(b"abcd"[v - 1 : v])) for v in reversed(kept)
+    ]
+    assert (folder / f"v{kept[0]}.safetensors").read_bytes() == b"abcd"[kept[0] - 1 : kept[0]]
+
+
+def test_the_same_bytes_again_make_no_new_version(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    first = store.put("m", "d", b"same", "EnergyBased")
+    assert store.put("m", "d", b"same", "EnergyBased") == first
+    assert files(tmp_path / "m" / "d") == [ACTIVE, "v1.safetensors"] and files(tmp_path / ".uploads") == []
+    assert store.put("m", "d", b"other", "EnergyBased").version == 2
+    assert store.put("m", "d", b"same", "EnergyBased").version == 3  # an older version's bytes are a new one
 
 
 def _put_many(root: str, worker: int, count: int, results: Any) -> None:
@@ -102,7 +116,7 @@ def test_processes_sharing_the_directory_get_distinct_growing_versions(tmp_path:
     assert sorted(versions[0] + versions[1]) == list(range(1, 31))  # no version written twice, none skipped
     info, data = StateStore(tmp_path).read("m", "d")
     assert info.version == 30 and data.decode().split("-")[1] == "14"  # the last write of its writer
-    assert files(tmp_path / "m" / "d") == [ACTIVE, "v29.safetensors", "v30.safetensors"]
+    assert files(tmp_path / "m" / "d") == [ACTIVE, "v28.safetensors", "v29.safetensors", "v30.safetensors"]
     assert files(tmp_path / ".uploads") == []
 
 
@@ -112,11 +126,14 @@ def test_store_versions_sha_and_delete(tmp_path: Path) -> None:
     second = store.put("m", "d", b"two", "EnergyBased")
     third = store.put("m", "d", b"three", "EnergyBased")
     assert (first.version, second.version, third.version) == (1, 2, 3)
-    assert sorted(p.name for p in (tmp_path / "m" / "d").glob("v*")) == ["v2.safetensors", "v3.safetensors"]
+    fourth = store.put("m", "d", b"four", "EnergyBased")
+    assert fourth.version == 4
+    assert sorted(p.name for p in (tmp_path / "m" / "d").glob("v*")) == [f"v{v}.safetensors" for v in (2, 3, 4)]
+    store.put("m", "d", b"three", "EnergyBased")  # v5 (not the active bytes)
     info, data = store.read("m", "d")
     assert data == b"three" and info.sha256 == sha256_hex(b"three") and info.size_bytes == 5
     assert [s.name for s in store.list_states("m")] == ["d"]
-    (tmp_path / "m" / "d" / "v3.safetensors").write_bytes(b"tampered")
+    (tmp_path / "m" / "d" / "v5.safetensors").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         store.read("m", "d")
     store.delete("m", "d")
