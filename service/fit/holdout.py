@@ -41,11 +41,16 @@ def class_quotas(labels: Tensor, share: float) -> dict[int, int]:
             f"cannot hold out {share:.0%} of {total} ID images for calibration: need at least one image on each side"
         )
     classes, counts = torch.unique(known, return_counts=True)
-    exact = [share * int(c) for c in counts]
-    quotas = [math.floor(e) for e in exact]
+    sizes = [int(c) for c in counts]
+    exact = [share * n for n in sizes]
+    # every class keeps at least one image for the fit (a class's only image is never held out)
+    quotas = [min(math.floor(e), n - 1) for e, n in zip(exact, sizes, strict=True)]
     by_remainder = sorted(range(len(quotas)), key=lambda i: (-(exact[i] - quotas[i]), i))
-    for i in by_remainder[: n_cal - sum(quotas)]:
-        quotas[i] += 1
+    for i in by_remainder:
+        if sum(quotas) >= n_cal:
+            break
+        if quotas[i] < sizes[i] - 1:
+            quotas[i] += 1
     return {int(c): q for c, q in zip(classes.tolist(), quotas, strict=True)}
 
 

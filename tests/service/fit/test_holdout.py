@@ -73,3 +73,12 @@ def test_split_calibration_of_in_memory_samples() -> None:
     assert torch.equal(split_calibration(labels, 0.2, seed=1)[1], calibration)
     with pytest.raises(BadRequestError, match="at least one image on each side"):
         split_calibration(torch.tensor([0, 1]), 0.1)
+
+
+def test_a_class_with_one_image_keeps_it_for_the_fit() -> None:
+    # the hold-out used to take class 0's only image (then "classes [0] have no samples" at the fit)
+    labels = torch.tensor([0] + [1] * 9)
+    quotas = class_quotas(labels, 0.5)
+    assert quotas[0] == 0
+    assert quotas[1] == 5  # the share is still met, from the classes that have images to spare
+    assert all(quotas[c] < int((labels == c).sum()) for c in quotas)
