@@ -22,6 +22,7 @@ from ood_core.state import save_detector
 from service.demo import DEFAULT_DETECTOR
 from service.settings import Settings, load_settings
 from tests.service.conftest import API_KEY, AUTH, digit_png, noise_png, png_bytes, serve
+from tests.service.jobs.archives import digits_zip, wait_job
 
 STATE = {"Content-Type": "application/octet-stream"}
 WRITE = {**AUTH, **STATE}
@@ -105,6 +106,8 @@ def test_rejected_upload_over_http_keeps_the_active_state(live_server: str) -> N
         ("PUT", "/v1/models/digits/detectors/auth-check"),
         ("DELETE", "/v1/models/digits/detectors/knn"),
         ("POST", "/v1/models/digits/detectors/auth-check/fit"),
+        ("POST", "/v1/models/digits/detectors/knn/rollback"),
+        ("DELETE", "/v1/jobs/0123456789abcdef"),
     ],
 )
 def test_every_write_needs_a_valid_key_over_http(live_server: str, method: str, path: str) -> None:
@@ -129,7 +132,20 @@ def test_every_route_answers_over_http(live_server: str) -> None:
         "hparams": json.dumps({"k": 1}),
         "labels": ",".join(str(int(v)) for v in labels[:12]),
     }
+    slow = digits_zip(per_class=100, ood=0, repeat=4)
+    zipped = {**AUTH, "Content-Type": "application/zip"}
+    slow_fit = f"{digits}/detectors/route-slow/fit?detector_class=KNN&batch_size=1"
+    running = httpx.post(slow_fit, content=slow, headers=zipped)
+    queued = httpx.post(f"{digits}/detectors/route-slow/fit?detector_class=KNN", content=digits_zip(), headers=zipped)
+    fitted = httpx.post(f"{digits}/detectors/route-fit/fit", files=train, data=fit, headers=AUTH)
     calls = [
+        httpx.delete(f"{live_server}/v1/jobs/{queued.json()['id']}", headers=AUTH),
+        httpx.delete(f"{live_server}/v1/jobs/{running.json()['id']}", headers=AUTH),
+        httpx.get(f"{live_server}/v1/jobs/{running.json()['id']}/events"),
+        httpx.get(f"{live_server}/v1/jobs"),
+        httpx.get(f"{live_server}/v1/jobs/{fitted.json()['id']}"),
+        httpx.get(f"{digits}/detectors/knn/versions"),
+        httpx.post(f"{digits}/detectors/knn/rollback", json={"version": 1}, headers=AUTH),
         httpx.get(f"{live_server}/healthz"),
         httpx.get(f"{live_server}/readyz"),
         httpx.get(f"{live_server}/metrics"),
@@ -138,14 +154,25 @@ def test_every_route_answers_over_http(live_server: str) -> None:
         httpx.get(f"{digits}/detectors"),
         httpx.get(f"{digits}/detectors/knn"),
         httpx.put(f"{digits}/detectors/route-check", content=save_detector(EnergyBased()), headers=WRITE),
-        httpx.post(f"{digits}/detectors/route-fit/fit", files=train, data=fit, headers=AUTH),
         httpx.post(f"{digits}/score", files=[("files", ("d.png", png))]),
         httpx.post(f"{live_server}/v1/models/digits-seg/segment?format=json", files=[("files", ("d.png", png))]),
         httpx.delete(f"{digits}/detectors/route-check", headers=AUTH),
-        httpx.delete(f"{digits}/detectors/route-fit", headers=AUTH),
     ]
-    assert [c.status_code for c in calls] == [200] * 7 + [201, 201, 200, 200, 204, 204], [c.text for c in calls]
-    assert calls[5].json()["detectors"] and calls[8].json()["calibrated"] is True
+    assert [running.status_code, queued.status_code, fitted.status_code] == [202] * 3
+    assert [c.status_code for c in calls] == [200] * 14 + [201, 200, 200, 204], [c.text for c in calls]
+    assert [c.json()["state"] for c in calls[:2]] == ["cancelled", "cancelled"]
+    with httpx.Client(base_url=live_server) as client:
+        assert wait_job(client, fitted.json()["id"])["state"] == "done"
+    assert httpx.delete(f"{digits}/detectors/route-fit", headers=AUTH).status_code == 204
+    assert calls[12].json()["detectors"]
+    infer = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}]}
+    v2_reads = ("", "/health/live", "/health/ready", "/models/digits", "/models/digits/ready")
+    v2 = [httpx.get(f"{live_server}/v2{path}") for path in (*v2_reads, "/models/digits/versions/1")]
+    v2 += [httpx.get(f"{live_server}/v2/models/digits/versions/1/ready")]
+    v2 += [httpx.post(f"{live_server}/v2/models/digits{version}/infer", json=infer) for version in ("", "/versions/1")]
+    assert [c.status_code for c in v2] == [200] * 9, [c.text for c in v2]  # the V2 protocol (test_v2.py)
+    assert httpx.get(f"{digits}/drift").status_code == 200
+    assert httpx.get(f"{live_server}/").status_code == 200  # the console
     text = httpx.get(f"{live_server}/metrics").text
     paths = httpx.get(f"{live_server}/openapi.json").json()["paths"]
     for path, methods in paths.items():

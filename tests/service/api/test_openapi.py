@@ -5,7 +5,9 @@ OpenAPI 3.1 = JSON Schema 2020-12)."""
 from __future__ import annotations
 
 import base64
+import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,9 +17,11 @@ import pytest
 
 from service.settings import Settings
 from tests.service.conftest import AUTH, NoLifespanClient, digit_png, noise_png, serve
+from tests.service.jobs.archives import wait_job
 
 pytestmark = pytest.mark.timeout(180)
 JSON_TYPES = ("application/json", "application/problem+json")
+V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
 
 
 class Conformance:
@@ -134,10 +138,59 @@ def test_every_route_answers_what_its_schema_declares(client: httpx.Client, conf
     fit = "/v1/models/digits/detectors/fitted/fit"
     images = [digit_png(i % 6) for i in range(12)]
     form = {"labels": ",".join(str(i % 6) for i in range(12)), "detector_class": "EnergyBased"}
-    assert check(post(fit, files=_files(*images), data=form, headers=AUTH)).status_code == 201
-    assert check(post(fit, files=_files(*images), data=form, headers=AUTH)).status_code == 200
+    started = check(post(fit, files=_files(*images), data=form, headers=AUTH))
+    assert started.status_code == 202
     assert check(post(fit, files=_files(*images), data={**form, "labels": "1"}, headers=AUTH)).status_code == 400
     assert check(post(fit, files=_files(*images), data=form)).status_code == 401
+    assert check(post(fit, content=b"x", headers={**AUTH, "Content-Type": "text/plain"})).status_code == 415
+    odin = {**form, "detector_class": "ODIN"}
+    assert check(post(fit, files=_files(*images), data=odin, headers=AUTH)).status_code == 422
+    job = f"/v1/jobs/{started.json()['id']}"
+    wait_job(client, started.json()["id"])
+    assert check(get(job)).json()["state"] == "done"
+    assert check(get(job + "/events")).status_code == 200
+    assert check(get("/v1/jobs?model=digits&state=done")).status_code == 200
+    assert check(get("/v1/jobs?state=nope")).status_code == 422
+    assert check(get("/v1/jobs/0123456789abcdef")).status_code == 404
+    assert check(get("/v1/jobs/0123456789abcdef/events")).status_code == 404
+    assert check(delete(job, headers=AUTH)).status_code == 409
+    assert check(delete(job)).status_code == 401
+    assert check(delete("/v1/jobs/0123456789abcdef", headers=AUTH)).status_code == 404
+    slow = [digit_png(i % 6) for i in range(3)] * 200
+    slow_form = {**form, "labels": ",".join("0" * 600)}
+    running = check(post(fit + "?batch_size=1", files=_files(*slow), data=slow_form, headers=AUTH))
+    assert check(delete(f"/v1/jobs/{running.json()['id']}", headers=AUTH)).status_code == 200
+    versions = check(get("/v1/models/digits/detectors/fitted/versions"))
+    assert versions.status_code == 200 and versions.json()["versions"][0]["source"] == "fit"
+    assert check(get("/v1/models/digits/detectors/none/versions")).status_code == 404
+    rollback = "/v1/models/digits/detectors/fitted/rollback"
+    assert check(post(rollback, json={"version": 1}, headers=AUTH)).status_code == 200
+    assert check(post(rollback, json={"version": 99}, headers=AUTH)).status_code == 404
+    assert check(post(rollback, json={"version": "x"}, headers=AUTH)).status_code == 422
+    assert check(post(rollback, json={"version": 1})).status_code == 401
+
+    assert check(get("/v1/models/digits/drift")).status_code == 200  # drift (tests/service/api/test_drift.py)
+    assert check(get("/v1/models/nope/drift")).status_code == 404
+
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/digits", "/v2/models/digits-seg"):
+        assert check(get(path)).status_code == 200  # the Open Inference Protocol (tests/service/api/test_v2.py)
+    for path in ("/v2/models/digits/ready", "/v2/models/digits/versions/1", "/v2/models/digits/versions/1/ready"):
+        assert check(get(path)).status_code == 200
+    assert check(get("/v2/models/nope")).status_code == 404
+    assert check(get("/v2/models/digits/versions/2/ready")).status_code == 404
+    assert check(get("/v2/models/bad%20name/ready")).status_code == 400
+    images = {"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64]}
+    for infer in ("/v2/models/digits/infer", "/v2/models/digits/versions/1/infer", "/v2/models/digits-seg/infer"):
+        assert check(post(infer, json={"inputs": [images], "parameters": {"tpr": 0.9}})).status_code == 200
+    header = json.dumps({"inputs": [{**images, "data": None, "parameters": {"binary_data_size": 4 + 4}}]}).encode()
+    binary = {"Inference-Header-Content-Length": str(len(header))}
+    answer = check(post("/v2/models/digits/infer", content=header + struct.pack("<I", 4) + b"abcd", headers=binary))
+    assert answer.status_code == 400 and "images[0]" in answer.json()["error"]
+    binary_output = {"inputs": [images], "parameters": {"binary_data_output": True}}
+    assert check(post("/v2/models/digits/infer", json=binary_output)).headers["content-type"] == "application/octet-stream"
+    assert check(post("/v2/models/digits/infer", json={"inputs": [{**images, "shape": [4]}] * 4})).status_code == 400
+    assert check(post("/v2/models/digits/versions/3/infer", json={"inputs": [images]})).status_code == 404
+    assert check(post("/v2/models/digits/infer", json={"inputs": [{**images, "shape": [4], "data": [b64] * 4}]})).status_code == 413
 
     operations = {(m, p) for p, ops in conformance.schema["paths"].items() for m in ops}
     assert operations == {(m, p) for m, p, _ in conformance.seen}, "every route of the schema is exercised"
@@ -157,10 +210,12 @@ def test_every_operation_declares_problem_bodies_and_writes_declare_the_bearer_s
             responses = operation["responses"]
             assert any(s.startswith("2") for s in responses), f"{method} {path} declares no success"
             for status, declared in responses.items():
-                if status.startswith(("4", "5")):
+                if status.startswith(("4", "5")) and path.startswith("/v2"):  # the protocol's {"error": ...}
+                    assert declared["content"] == {"application/json": {"schema": V2_ERROR}}, (method, path, status)
+                elif status.startswith(("4", "5")):
                     assert list(declared["content"]) == ["application/problem+json"], (method, path, status)
             assert "500" in responses
-            writes = method in ("put", "delete") or path.endswith("/fit")
+            writes = method in ("put", "delete") or path.endswith(("/fit", "/rollback"))
             assert (operation.get("security") == [{"HTTPBearer": []}]) == writes, (method, path)
             assert not writes or {"401", "403"} <= set(responses), (method, path)
 
