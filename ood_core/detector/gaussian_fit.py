@@ -40,6 +40,11 @@ class ClassGaussianFit(Detector):
     def num_classes(self) -> int | None:
         return int(self.mu.shape[0]) if self.is_fitted else None
 
+    @property
+    def n_classes(self) -> int | None:
+        """Number of classes the model is fitted for (pytorch-ood's name for :attr:`num_classes`)."""
+        return self.num_classes
+
     def _begin_fit(self) -> None:
         self._stats = ClassGaussianStats()
 

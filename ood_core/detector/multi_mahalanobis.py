@@ -160,9 +160,12 @@ class MultiMahalanobis(Detector):
         self.mu, self.precision = mu, precision
         self.layer_dims = torch.tensor(widths, dtype=torch.int64, device=device)
 
-    def predict_features(self, x: Any) -> Tensor:
-        """:param x: list of per-layer features (``B x D_i`` or ``B x C_i x H x W``); returns ``B`` scores"""
+    def predict_features(self, x: Any, device: str | torch.device | None = None) -> Tensor:
+        """:param x: list of per-layer features (``B x D_i`` or ``B x C_i x H x W``); returns ``B`` scores
+        :param device: as in pytorch-ood, moves the features there first (by default: the fitted state's device)"""
         self._check_fitted()
+        if device is not None and isinstance(x, (list, tuple)):
+            x = [z.to(device) for z in x]
         if not isinstance(x, (list, tuple)) or len(x) != self.mu.shape[0]:
             raise ValueError(f"expected a list of {self.mu.shape[0]} per-layer feature tensors")
         weights = self.alpha if self.alpha is not None else [1.0] * len(x)

@@ -257,7 +257,6 @@ def test_mahalanobis(model: WideResNet, data_loader: DataLoader, x: Tensor) -> N
     )
 
 
-@pytest.mark.xfail(strict=True, reason="reported: the seed documents `Mahalanobis.n_classes`; ood_core lacks it")
 def test_mahalanobis_n_classes(model: WideResNet, data_loader: DataLoader) -> None:
     detector = Mahalanobis(model.features, eps=0.002, norm_std=None)
     detector.fit(data_loader, device=None)
@@ -276,9 +275,6 @@ def test_multi_mahalanobis(model: WideResNet, data_loader: DataLoader, x: Tensor
     torch.testing.assert_close(detector.predict_features(zs), scores)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="reported: the seed documents `MultiMahalanobis.predict_features(zs, device=None)`"
-)
 def test_multi_mahalanobis_predict_features_device(model: WideResNet, data_loader: DataLoader, x: Tensor) -> None:
     layers = [model.conv[:2], model.conv[2:]]
     detector = MultiMahalanobis(layers, alpha=None)
@@ -286,7 +282,7 @@ def test_multi_mahalanobis_predict_features_device(model: WideResNet, data_loade
     with torch.no_grad():
         zs = [layers[0](x)]
         zs.append(layers[1](zs[0]))
-    torch.testing.assert_close(detector.predict_features(zs, device=None), detector(x))  # type: ignore[call-arg]
+    torch.testing.assert_close(detector.predict_features(zs, device=None), detector(x))
 
 
 def test_rmd(model: WideResNet, data_loader: DataLoader, x: Tensor) -> None:
