@@ -165,7 +165,9 @@ def test_every_route_answers_over_http(live_server: str) -> None:
         assert wait_job(client, fitted.json()["id"])["state"] == "done"
     assert httpx.delete(f"{digits}/detectors/route-fit", headers=AUTH).status_code == 204
     assert calls[12].json()["detectors"]
-    infer = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}]}
+    infer = {
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}]
+    }
     v2_reads = ("", "/health/live", "/health/ready", "/models/digits", "/models/digits/ready")
     v2 = [httpx.get(f"{live_server}/v2{path}") for path in (*v2_reads, "/models/digits/versions/1")]
     v2 += [httpx.get(f"{live_server}/v2/models/digits/versions/1/ready")]

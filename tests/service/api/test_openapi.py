@@ -187,10 +187,17 @@ def test_every_route_answers_what_its_schema_declares(client: httpx.Client, conf
     answer = check(post("/v2/models/digits/infer", content=header + struct.pack("<I", 4) + b"abcd", headers=binary))
     assert answer.status_code == 400 and "images[0]" in answer.json()["error"]
     binary_output = {"inputs": [images], "parameters": {"binary_data_output": True}}
-    assert check(post("/v2/models/digits/infer", json=binary_output)).headers["content-type"] == "application/octet-stream"
+    assert (
+        check(post("/v2/models/digits/infer", json=binary_output)).headers["content-type"] == "application/octet-stream"
+    )
     assert check(post("/v2/models/digits/infer", json={"inputs": [{**images, "shape": [4]}] * 4})).status_code == 400
     assert check(post("/v2/models/digits/versions/3/infer", json={"inputs": [images]})).status_code == 404
-    assert check(post("/v2/models/digits/infer", json={"inputs": [{**images, "shape": [4], "data": [b64] * 4}]})).status_code == 413
+    assert (
+        check(
+            post("/v2/models/digits/infer", json={"inputs": [{**images, "shape": [4], "data": [b64] * 4}]})
+        ).status_code
+        == 413
+    )
 
     operations = {(m, p) for p, ops in conformance.schema["paths"].items() for m in ops}
     assert operations == {(m, p) for m, p, _ in conformance.seen}, "every route of the schema is exercised"
