@@ -19,6 +19,8 @@ Module map:
   the worker-process loader.
 - :mod:`~service.fit.runner`: :func:`~service.fit.runner.run_fit`, :class:`~service.fit.runner.FitOptions`,
   :class:`~service.fit.runner.FitResult` (what ``ood-fit`` and the server's fit jobs call).
+- :mod:`~service.fit.grid`: a grid in ``hparams`` (``{"grid": {"k": [1, 5]}}``): every candidate fitted on one
+  stream, the best by AUROC on ``ood/`` kept, every candidate reported (:class:`ood_core.search.GridSearch`'s rows).
 - :mod:`~service.fit.training`: the fit passes (stream, checkpoint, merge, finish, resume).
 - :mod:`~service.fit.stream`: batches through the forward, progress (:class:`~service.fit.stream.FitProgress`),
   cancellation (:class:`~service.fit.stream.FitCancelled`).

@@ -9,6 +9,10 @@ default: the first configured model). The state is the service's ``save_detector
 model's own decoding, preprocessing and forward, so it uploads as is (``PUT /v1/models/{model}/detectors/{name}``).
 It is written atomically, by rank 0 only, once every rank has finished; on any error nothing is written and the
 exit status is 1 (2 for bad arguments, 130 when interrupted) with one line on stderr saying why.
+
+``--hparams '{"grid": {"k": [1, 5, 50]}}'`` searches the grid on one process (:mod:`service.fit.grid`): the data
+needs ``ood/``; the state of the best candidate by AUROC is written, and the summary and the ``--json`` report
+(``search``) list every candidate's metrics or error.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="the ood-serve YAML/JSON config (default: $OOD_CONFIG, else the demo models)")
     p.add_argument("--model", help="model name from the config (default: the first one; demo: digits)")
     p.add_argument("--detector", required=True, help="detector class, e.g. Mahalanobis, KNN, ViM")
-    p.add_argument("--hparams", type=_hparams, default={}, help="constructor arguments as a JSON object")
+    p.add_argument(
+        "--hparams",
+        type=_hparams,
+        default={},
+        help='constructor arguments as a JSON object; with "grid" a search: \'{"grid": {"k": [1, 5, 50]}}\' fits '
+        "each combination, writes the best by AUROC on ood/ and reports all",
+    )
     p.add_argument(
         "--data",
         required=True,

@@ -48,7 +48,10 @@ class ProgressBar:
 
 def report_json(result: FitResult, detector: str, model: str) -> dict[str, Any]:
     """``images``, ``skipped``, ``calibration_size``, ``threshold``, ``metrics`` (``null`` without OOD data), and
-    ``detector``, ``model``, ``target_tpr``, ``fit_images``, ``ood_images``, ``warnings``."""
+    ``detector``, ``model``, ``target_tpr``, ``fit_images``, ``ood_images``, ``warnings``, ``hparams`` (the written
+    detector's constructor arguments: a grid's best) and ``search`` (``null``, or with a grid in ``--hparams`` the
+    report of :class:`service.fit.grid.FitGridSearch`: ``metric``, ``best`` and a row per candidate with its
+    ``params``, ``hparams``, ``score``, ``metrics`` or ``error``)."""
     return {
         "images": result.images,
         "skipped": result.skipped,
@@ -61,6 +64,8 @@ def report_json(result: FitResult, detector: str, model: str) -> dict[str, Any]:
         "fit_images": result.fit_images,
         "ood_images": result.ood_images,
         "warnings": result.warnings,
+        "hparams": result.hparams,
+        "search": result.search,
     }
 
 
@@ -76,5 +81,21 @@ def summary(result: FitResult, detector: str, model: str, out: Path) -> str:
     if result.metrics is not None:
         shown = "  ".join(f"{k} {result.metrics[k]:.4f}" for k in METRIC_KEYS if k in result.metrics)
         lines.append(f"  metrics     {shown} (held-out ID vs ood/)")
+    if result.search is not None:
+        lines.extend(grid_lines(result.search))
     lines.extend(f"  warning: {w}" for w in result.warnings)
     return "\n".join(lines)
+
+
+def grid_lines(search: dict[str, Any]) -> list[str]:
+    """One line per candidate of a grid search: its values, its metric or its error; the best marked."""
+    best = search["best"]["params"] if search["best"] is not None else None
+    lines = [f"  grid        {len(search['results'])} candidates ranked by {search['metric']} (held-out ID vs ood/)"]
+    for row in search["results"]:
+        values = " ".join(f"{k}={v}" for k, v in row["params"].items())
+        if row["error"] is not None:
+            lines.append(f"    {values}: error: {row['error']}")
+        else:
+            mark = "  <- best, written" if row["params"] == best else ""
+            lines.append(f"    {values}: {search['metric']} {row['score']:.4f}{mark}")
+    return lines

@@ -14,6 +14,9 @@
    :class:`~ood_core.metrics.OODMetrics` on held-out ID vs OOD scores (AUROC, AUPR-IN, AUPR-OUT, FPR95TPR);
 5. the ``save_detector`` state, identical on every rank (the caller writes it; the CLI on rank 0).
 
+With a grid in ``hparams`` (``{"grid": {"k": [1, 5, 50]}}``) the same stages fit every candidate on one stream and
+keep the best by AUROC on ``ood/`` (:mod:`service.fit.grid`).
+
 Test-only hooks (environment, read here and nowhere else): ``OOD_FIT_TEST_FAIL_RANK=<r>`` makes rank ``r`` raise
 after its first fit batch; ``OOD_FIT_TEST_KILL_AFTER_CHECKPOINTS=<k>`` SIGKILLs the process right after its k-th
 checkpoint. Nothing else reads them; the tests of :mod:`service.fit` use them to fail a rank and to kill a fit.
@@ -40,7 +43,7 @@ from service.fit import dist
 from service.fit.checkpoint import Checkpointer, fingerprint
 from service.fit.detectors import new_detector
 from service.fit.holdout import calibration_mask, key_hashes
-from service.fit.sources import FitSource
+from service.fit.sources import FitSource, SourceIndex
 from service.fit.stream import FitCancelled, FitProgress, Forward, Streamer
 from service.fit.training import calibration_warning, check_options, fit_passes
 from service.states.validate import external_modules
@@ -83,6 +86,10 @@ class FitResult:
     ood_images: int = 0
     resumed_images: int = 0
     """Images the statistics already held from a checkpoint when this run started."""
+    hparams: dict[str, Any] = field(default_factory=dict)
+    """The fitted detector's constructor arguments (a grid's: the best candidate's)."""
+    search: dict[str, Any] | None = None
+    """A grid search's report (:meth:`service.fit.grid.FitGridSearch.report`): every candidate's row."""
 
 
 def _test_hook_fail(ranks: dist.Ranks) -> None:
@@ -110,14 +117,72 @@ def run_fit(
     raises :class:`FitCancelled`; ``forward`` defaults to ``model.forward``. Raises :class:`DataSourceError` /
     :class:`BadRequestError` (400) for bad data or options, ``UnservableDetectorError`` (422) for a class the
     model cannot serve, :class:`~service.fit.dist.RankFailedError` when another rank failed."""
-    ranks = dist.current()
     check_options(options)
+    from service.fit import grid  # grid imports this module
+
+    if grid.is_grid(options.hparams):
+        return grid.run_grid(model, source, options, progress=progress, should_stop=should_stop, forward=forward)
     detector, kind = new_detector(model, options.detector_class, options.hparams)
     detector.to(model.device)
     if detector.requires_fit and model.task == "segmentation":
         raise BadRequestError(
             f"{options.detector_class} needs fitting on labelled images: not supported for this model"
         )
+    run = prepare(model, source, options, kind, detector.fit_passes, progress, should_stop, forward)
+    ranks, index, stream = run.ranks, run.index, run.stream
+    fit_id = fingerprint(
+        {
+            "model": model.name,
+            "dims": model.dims,
+            "class": options.detector_class,
+            "hparams": options.hparams,
+            "share": options.calibration_share,
+            "seed": options.seed,
+            "source": source.description,
+            "rank": ranks.rank,
+            "world": ranks.world,
+        },
+        index.keys,
+        index.labels,
+    )
+    checkpoints = Checkpointer(options.checkpoint_path, options.checkpoint_every, ranks, fit_id)
+    modules = external_modules(model, type(detector), kind)
+    detector, resumed = fit_passes(
+        detector, stream, run.fit_ordinals, checkpoints, modules, ranks, options, _test_hook_fail, _test_hook_kill
+    )
+    scores, labels = dist.staged(ranks, "calibrating", lambda: _score(detector, stream, run.eval_ordinals))
+    scores, labels = dist.gather(ranks, scores), dist.gather(ranks, labels)
+    result = finish_fit(detector, scores, labels, options, model.task)
+    count_images(result, run, fitted=detector.fit_passes > 0, resumed=resumed)
+    checkpoints.remove()
+    return result
+
+
+@dataclass
+class PreparedFit:
+    """A fit after its scan and hold-out: this rank's index, the streamer, and the local ordinals to fit on (ID,
+    not held out) and to evaluate (held-out ID and ``ood/``)."""
+
+    ranks: dist.Ranks
+    index: SourceIndex
+    stream: Streamer
+    fit_ordinals: Tensor
+    eval_ordinals: Tensor
+
+
+def prepare(
+    model: ServedModel,
+    source: FitSource,
+    options: FitOptions,
+    kind: str,
+    passes: int,
+    progress: Callable[[FitProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+    forward: Forward | None,
+) -> PreparedFit:
+    """Scan ``source`` (every rank its share), hold out the calibration share and set up the streamer of the
+    ``kind`` outputs; ``passes`` over the fit images (0: none) set the progress total."""
+    ranks = dist.current()
     source.use_output(kind, model.dims[kind])
     if progress is not None:
         progress(FitProgress(0, None, 0, 0.0, None, "scanning"))
@@ -140,43 +205,23 @@ def run_fit(
     )
     fit_ordinals = torch.nonzero((index.labels >= 0) & ~held_out).flatten()
     eval_ordinals = torch.nonzero(held_out | (index.labels < 0)).flatten()
-    passes = detector.fit_passes
     stream.total = len(fit_ordinals) * passes + len(eval_ordinals)
-    fit_id = fingerprint(
-        {
-            "model": model.name,
-            "dims": model.dims,
-            "class": options.detector_class,
-            "hparams": options.hparams,
-            "share": options.calibration_share,
-            "seed": options.seed,
-            "source": source.description,
-            "rank": ranks.rank,
-            "world": ranks.world,
-        },
-        index.keys,
-        index.labels,
-    )
-    checkpoints = Checkpointer(options.checkpoint_path, options.checkpoint_every, ranks, fit_id)
-    modules = external_modules(model, type(detector), kind)
-    detector, resumed = fit_passes(
-        detector, stream, fit_ordinals, checkpoints, modules, ranks, options, _test_hook_fail, _test_hook_kill
-    )
-    scores, labels = dist.staged(ranks, "calibrating", lambda: _score(detector, stream, eval_ordinals))
-    scores, labels = dist.gather(ranks, scores), dist.gather(ranks, labels)
-    result = _finish(detector, scores, labels, options, model.task)
+    return PreparedFit(ranks, index, stream, fit_ordinals, eval_ordinals)
+
+
+def count_images(result: FitResult, run: PreparedFit, *, fitted: bool, resumed: int = 0) -> None:
+    """Fill ``result``'s image counts (totals over the ranks) and the source's and skip warnings."""
+    ranks, index, stream = run.ranks, run.index, run.stream
     result.skipped = dist.total(ranks, int(stream.skipped.sum()))
-    used = len(index) if passes else len(eval_ordinals)  # a detector without a fit reads no fit images
+    used = len(index) if fitted else len(run.eval_ordinals)  # a detector without a fit reads no fit images
     result.images = dist.total(ranks, used) - result.skipped
-    fitted = len(fit_ordinals) - int(stream.skipped[fit_ordinals].sum()) if passes else 0
-    result.fit_images = dist.total(ranks, fitted)
+    fit_images = len(run.fit_ordinals) - int(stream.skipped[run.fit_ordinals].sum()) if fitted else 0
+    result.fit_images = dist.total(ranks, fit_images)
     result.ood_images = dist.total(ranks, int((index.labels < 0).sum() - stream.skipped[index.labels < 0].sum()))
     result.resumed_images = dist.total(ranks, resumed)
-    result.warnings = [*source.warnings, *result.warnings]
+    result.warnings = [*run.stream.source.warnings, *result.warnings]
     if result.skipped:
         result.warnings.append(f"{result.skipped} undecodable image(s) skipped")
-    checkpoints.remove()
-    return result
 
 
 def _score(detector: Any, stream: Streamer, ordinals: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,7 +240,9 @@ def _score(detector: Any, stream: Streamer, ordinals: Tensor) -> tuple[Tensor, T
     return torch.cat([s.reshape(-1, width) for s in scores]), torch.cat(labels)
 
 
-def _finish(detector: Any, scores: Tensor, labels: Tensor, options: FitOptions, task: str) -> FitResult:
+def finish_fit(detector: Any, scores: Tensor, labels: Tensor, options: FitOptions, task: str) -> FitResult:
+    """The saved state of fitted ``detector`` with its calibration on the held-out ID ``scores`` and, with OOD
+    ``labels`` (classification), :class:`~ood_core.metrics.OODMetrics` on held-out ID vs OOD."""
     held_out = scores[labels >= 0]
     if held_out.numel() == 0:
         raise BadRequestError("no held-out ID image could be scored: nothing to calibrate on")
@@ -212,4 +259,5 @@ def _finish(detector: Any, scores: Tensor, labels: Tensor, options: FitOptions, 
         target_tpr=options.tpr,
         metrics=metrics,
         warnings=calibration_warning(calibration.n, options.tpr),
+        hparams=dict(options.hparams),
     )

@@ -31,12 +31,44 @@ class FitParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     detector_class: str = Field(min_length=1, description="an ood_core detector class, e.g. Mahalanobis")
-    hparams: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+    hparams: dict[str, Any] = Field(
+        default_factory=dict,
+        description='constructor arguments; with the key "grid" a grid search: {"grid": {"k": [1, 5, 50]}, ...} fits '
+        "every combination of the lists (the other keys fixed), keeps the best by AUROC on the data's ood/ images "
+        "and reports every candidate in the result's search",
+    )
     calibration_share: float = Field(default=0.1, gt=0, lt=1, description="share of each class's ID images held out")
     tpr: float = Field(default=0.95, gt=0, lt=1, description="target ID true-positive rate of the threshold")
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="seeds the calibration hold-out")
     skip_invalid: bool = Field(default=False, description="skip (and count) undecodable images instead of failing")
     batch_size: int = Field(default=64, ge=1, le=4096, description="images per forward of the fit")
+
+
+class GridCandidate(BaseModel):
+    """One candidate of a grid search (a row of ``ood_core.search.GridSearch``'s report)."""
+
+    params: dict[str, Any] = Field(description="its values of the grid")
+    hparams: dict[str, Any] = Field(description="its constructor arguments (the fixed ones and the grid's)")
+    score: float | None = Field(description="the ranking metric (AUROC); null when the candidate failed")
+    metrics: dict[str, float | None] = Field(description="AUROC, AUPR-IN, AUPR-OUT, FPR95TPR on held-out ID vs ood/")
+    error: str | None = Field(description="why it could not be built, fitted or scored (it is then out of the race)")
+    seconds: float = Field(description="its own fit and scoring time (the shared forwards excluded)")
+
+
+class GridBest(BaseModel):
+    params: dict[str, Any]
+    hparams: dict[str, Any] = Field(description="the installed detector's constructor arguments")
+    score: float
+
+
+class GridSearchReport(BaseModel):
+    """A grid search's candidates, in grid order; the best (the first of the highest score) is installed."""
+
+    detector: str
+    metric: str = Field(description="what ranks the candidates: AUROC on held-out ID vs ood/")
+    higher_is_better: bool
+    best: GridBest | None
+    results: list[GridCandidate]
 
 
 class JobResult(BaseModel):
@@ -53,6 +85,10 @@ class JobResult(BaseModel):
         None, description="AUROC, AUPR-IN, AUPR-OUT, FPR95TPR on the held-out ID and the ood/ images (when given)"
     )
     warnings: list[str] = Field(default_factory=list, description="e.g. a calibration set too small for the TPR")
+    hparams: dict[str, Any] = Field(
+        default_factory=dict, description="the installed detector's constructor arguments (a grid's best candidate)"
+    )
+    search: GridSearchReport | None = Field(None, description="with a grid in hparams: every candidate's row")
 
 
 class Job(BaseModel):

@@ -27,7 +27,7 @@ from service.jobs.data import open_job_source, public_message
 from service.jobs.events import JobEvents
 from service.jobs.forward import ScoringFirstForward
 from service.jobs.journal import JobJournal
-from service.jobs.records import INTERRUPTED, JobRecord, JobResult, JobState, utc_now
+from service.jobs.records import INTERRUPTED, GridSearchReport, JobRecord, JobResult, JobState, utc_now
 from service.settings import Settings
 from service.states.manager import StateManager
 from service.states.versions import VersionOrigin
@@ -122,6 +122,8 @@ class JobRunner:
                 skipped=result.skipped,
                 metrics=result.metrics,
                 warnings=list(result.warnings),
+                hparams=result.hparams,
+                search=None if result.search is None else GridSearchReport.model_validate(result.search),
             )
             self._finish(live, "done", result=job_result)
         except FitCancelled:

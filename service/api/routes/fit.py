@@ -25,6 +25,7 @@ from service.api.schemas import FIT_BODY
 from service.engine.served_model import ServedModel
 from service.errors import BadRequestError, ServiceError
 from service.fit.detectors import new_detector
+from service.fit.grid import check_grid, is_grid
 from service.jobs.data import IMAGES_NAME, data_root_path, write_image_shard
 from service.jobs.journal import new_job_id
 from service.jobs.manager import JobManager
@@ -76,14 +77,18 @@ def parse_parameters(values: dict[str, Any], default_share: float) -> FitParamet
 
 
 def check_detector(model: ServedModel, params: FitParameters) -> None:
-    """Build the detector once, unfitted: 400 for an unknown class (listing the ones this model serves) or bad
-    hyperparameters, 422 for a class the model cannot serve."""
+    """Build the detector once, unfitted (each candidate of a grid until one builds): 400 for an unknown class
+    (listing the ones this model serves), bad hyperparameters or a bad grid, 422 for a class the model cannot
+    serve."""
     if params.detector_class not in detector_package.__all__:
         raise BadRequestError(
             f"unknown detector class {params.detector_class[:64]!r}; model {model.name!r} can fit: "
             f"{', '.join(servable_classes(model))}"
         )
-    new_detector(model, params.detector_class, dict(params.hparams))
+    if is_grid(params.hparams):
+        check_grid(model, params.detector_class, dict(params.hparams))
+    else:
+        new_detector(model, params.detector_class, dict(params.hparams))
 
 
 def _labels(upload: FitUpload, model: ServedModel) -> list[int]:
@@ -136,7 +141,8 @@ async def start_fit(
     folders ``<class>/<image>`` plus optional ``ood/``; or a safetensors of precomputed outputs), a multipart
     ``file``, a multipart ``files`` + ``labels`` (small sets), JSON ``{"source": "relative/path"}`` under
     ``OOD_FIT_DATA_ROOT`` or JSON ``{"instances": [{"b64", "label"}]}``. Parameters in the query or the form /
-    JSON: ``detector_class``, ``hparams`` (JSON), ``calibration_share``, ``tpr``, ``seed``, ``skip_invalid``,
+    JSON: ``detector_class``, ``hparams`` (JSON; ``{"grid": {"k": [1, 5]}}`` searches the grid, keeps the best by
+    AUROC on ``ood/`` and reports every candidate), ``calibration_share``, ``tpr``, ``seed``, ``skip_invalid``,
     ``batch_size``."""
     settings = services.settings
     query = dict(request.query_params)
