@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -138,14 +139,22 @@ def per_image_ms(seconds: float, images: int) -> float | None:
 
 
 def process_cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads; Linux ``/proc``), or of this process."""
+    """User + system CPU seconds of process ``pid`` and its live descendants (all threads; Linux ``/proc``: the
+    LitServe peer and ``OOD_WORKERS`` run several processes), or of this process."""
     if pid is None:
         return time.process_time()
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        pending += [int(c) for c in children]
+    return total
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -164,15 +173,45 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m service`` in a subprocess on a free loopback port; waits for ``/readyz``."""
+    """A server in a subprocess on a free loopback port (its own process group); waits until it is ready.
 
-    def __init__(self, env: dict[str, str], config: Path | None, log_path: Path, source: Path = ROOT) -> None:
-        """``source``: the tree whose ``service`` package runs (another checkout for ``--baseline``)."""
+    ``kind="service"``: ``python -m service`` from ``source`` (another checkout for ``--baseline``), ready at
+    ``/readyz``, scored at ``/v1/models/{model}/score``, stopped with SIGTERM. ``kind="litserve"``: the LitServe
+    peer (``bench/litserve_peer.py``, ``args`` its options), ready at ``/health``, scored at ``/predict``, stopped
+    with SIGINT (it ignores SIGTERM). ``prefix``: a launcher to run the service under (``py-spy record ... --``),
+    whose child is then the server."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        config: Path | None,
+        log_path: Path,
+        source: Path = ROOT,
+        prefix: list[str] | None = None,
+        kind: str = "service",
+        args: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.kind = kind
+        self.wrapped = bool(prefix)
+        if kind == "litserve":
+            command = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), "--port", str(self.port)]
+            command += args or []
+        else:
+            command = [
+                *(prefix or []),
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
         if config is not None:
             command += ["--config", str(config)]
+        self.ready_path = "/health" if kind == "litserve" else "/readyz"
         self.log = log_path.open("wb")
         path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(
@@ -181,28 +220,61 @@ class Server:
             env={**os.environ, **env, "PYTHONPATH": path},
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
+    def score_path(self, model: str, detectors: list[str] | None) -> str:
+        if self.kind == "litserve":
+            return "/predict"
+        return f"/v1/models/{model}/score" + (f"?detectors={','.join(detectors)}" if detectors else "")
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}; log: {self.log.name}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"server not ready after {timeout_s} s; log: {self.log.name}")
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """SIGSTOP its process group: an idle server costs nothing while another is measured (LitServe's idle
+        workers poll, about one core)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
+    def stop_after_ready(self) -> None:
+        try:
+            self.wait_ready()
+        finally:
+            self.stop()
+
+    def server_pid(self) -> int:
+        """The server's pid (the launcher's child when ``prefix`` was given)."""
+        if not self.wrapped:
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(children[0]) if children else self.process.pid
+
+    def stop(self) -> None:
+        if self.wrapped and self.process.poll() is None:  # stop the server; the launcher exits after it
+            os.kill(self.server_pid(), signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(60)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT if self.kind == "litserve" else signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own group: the server and its workers
                 self.process.wait()
         self.log.close()
 
@@ -226,17 +298,18 @@ def batch_size_totals(metrics_text: str) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------- HTTP load
 async def http_load(
     url: str,
-    model: str,
+    path: str,
     image: bytes,
     concurrency: int,
     duration_s: float,
     warmup_s: float,
     images_per_request: int,
     server_pid: int | None = None,
+    metrics: bool = True,
 ) -> Slices:
-    """One closed-loop slice: ``concurrency`` clients run for ``warmup_s + duration_s`` without pause; only
-    requests that COMPLETE inside the last ``duration_s`` count (so neither the ramp-up nor the drain at the end
-    biases the throughput); ``/metrics`` is scraped at both ends of that window.
+    """One closed-loop slice: ``concurrency`` clients POST ``path`` for ``warmup_s + duration_s`` without pause;
+    only requests that COMPLETE inside the last ``duration_s`` count (so neither the ramp-up nor the drain at the
+    end biases the throughput); ``/metrics`` (``metrics``: the service's) is scraped at both ends of that window.
 
     Each virtual client has its own ``httpx.AsyncClient`` with one keep-alive connection: one shared pool of 64
     connections cost httpx ~10 ms of CPU per request (its pool bookkeeping grows with the pool), which made the
@@ -252,7 +325,7 @@ async def http_load(
         while time.monotonic() < window_end:
             began = time.monotonic()
             try:
-                response = await client.post(f"/v1/models/{model}/score", files=files)
+                response = await client.post(path, files=files)
                 ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -267,7 +340,8 @@ async def http_load(
     async def scrape_at(moment: float, scraper: httpx.AsyncClient) -> tuple[float, float, float, float]:
         await asyncio.sleep(max(0.0, moment - time.monotonic()))
         cpu = (process_cpu_s(server_pid) if server_pid is not None else 0.0), process_cpu_s()
-        return (*batch_size_totals((await scraper.get("/metrics")).text), *cpu)
+        batches = batch_size_totals((await scraper.get("/metrics")).text) if metrics else (0.0, 0.0)
+        return (*batches, *cpu)
 
     async def scrape_window(scraper: httpx.AsyncClient) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return await scrape_at(window_start, scraper), await scrape_at(window_end, scraper)
@@ -281,6 +355,53 @@ async def http_load(
     result.batch_sum, result.batch_count = after[0] - before[0], after[1] - before[1]
     result.server_cpu_s, result.client_cpu_s = after[2] - before[2], after[3] - before[3]
     return result
+
+
+@dataclass
+class LoadSpec:
+    """The arguments of :func:`http_load` (picklable, for load generators in several processes)."""
+
+    url: str
+    path: str
+    image: bytes
+    concurrency: int
+    duration_s: float
+    warmup_s: float
+    images_per_request: int
+    server_pid: int | None
+    metrics: bool
+
+
+def _load_part(spec: LoadSpec, share: int, scrape: bool) -> Slices:
+    import dataclasses
+
+    part = dataclasses.replace(spec, concurrency=share, metrics=spec.metrics and scrape)
+    if not scrape:
+        part.server_pid = None
+    return asyncio.run(http_load(**dataclasses.asdict(part)))
+
+
+def load_in_processes(spec: LoadSpec, processes: int) -> Slices:
+    """:func:`http_load` of ``spec``, its virtual users split over ``processes`` load-generator processes (one
+    asyncio client process tops out near 1000 requests/s: enough for a CPU box, not for a GPU). The first
+    process scrapes the server; client CPU is summed over all of them."""
+    processes = max(1, min(processes, spec.concurrency))
+    if processes == 1:
+        return _load_part(spec, spec.concurrency, True)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [spec.concurrency // processes + (i < spec.concurrency % processes) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_load_part, [spec] * processes, shares, [i == 0 for i in range(processes)]))
+    total = parts[0]
+    for part in parts[1:]:
+        total.latencies += part.latencies
+        total.errors += part.errors
+        total.images += part.images
+        total.client_cpu_s += part.client_cpu_s
+    total.outstanding_images = spec.concurrency * spec.images_per_request
+    return total
 
 
 def noise_png(size: tuple[int, int], channels: int) -> bytes:
@@ -337,8 +458,25 @@ def inprocess_load(
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
-def resnet18_config(workdir: Path, state_dir: Path) -> Path:
-    """Random-weight resnet18 (10 classes) saved as safetensors, plus a service config file serving it."""
+SCENARIOS = {"demo": None, "resnet18": 224, "resnet18-64": 64, "config": None}
+"""Scenario -> input size of the torchvision resnet18 (``None``: the embedded digits demo; ``config``: the model
+of ``--config``)."""
+
+
+def config_scenario(source: Path, workdir: Path, state_dir: Path) -> Path:
+    """``--config``'s file with the state directory replaced by the benchmark's (a JSON copy in ``workdir``)."""
+    from service.settings import read_config_file
+
+    values = read_config_file(source)
+    values["state_dir"] = str(state_dir)
+    path = workdir / "config.json"
+    path.write_text(json.dumps(values, indent=2, default=str))
+    return path
+
+
+def resnet18_config(workdir: Path, state_dir: Path, size: int = 224) -> Path:
+    """Random-weight resnet18 (10 classes) saved as safetensors, plus a service config file serving it at
+    ``size`` x ``size``."""
     import torch
     import torchvision
     from safetensors.torch import save_file
@@ -356,14 +494,14 @@ def resnet18_config(workdir: Path, state_dir: Path) -> Path:
                 "architecture": "resnet18",
                 "weights": str(weights),
                 "num_classes": 10,
-                "input_size": [224, 224],
+                "input_size": [size, size],
                 "preprocessing": {"mode": "RGB"},
                 "nodes": {"logits": "fc", "features": "flatten", "feature_maps": "layer4"},
                 "heads": {"features": ["fc"]},
             }
         ],
     }
-    path = workdir / "resnet18.json"
+    path = workdir / f"resnet18-{size}.json"
     path.write_text(json.dumps(config, indent=2))
     return path
 
@@ -396,93 +534,146 @@ class InProcess:
         data = fit_state(self.model, "EnergyBased", {}, outputs, None, outputs)
         StateStore(self.settings.state_dir).put(self.model.name, "energy", data, "EnergyBased")
 
-    def batch_scorer(self, image: bytes) -> Callable[[int], object]:
+    def batch_scorer(
+        self, image: bytes, names: list[str] | None = None, predecoded: bool = False
+    ) -> Callable[[int], object]:
+        """``score_batch(n)``: decode ``image`` n times and score the batch (``names``: the detectors; all).
+        ``predecoded``: decode it once and score the same pixels (the model's own limit: on a GPU box the service
+        decodes on many cores while this loop would decode on one)."""
         from service.engine.decode import RawImage, decode_image
         from service.engine.items import ScoreItem
         from service.engine.scoring import process_batch
 
         model, max_pixels = self.model, self.settings.max_pixels
-        detectors = tuple(model.detectors[name] for name in sorted(model.detectors))
+        detectors = tuple(model.detectors[name] for name in (names or sorted(model.detectors)))
+
+        decoded = model.preprocessor.pixels(decode_image(RawImage(image, "bench"), max_pixels))
 
         def score_batch(size: int) -> object:
-            pixels = [
-                model.preprocessor.pixels(decode_image(RawImage(image, "bench"), max_pixels)) for _ in range(size)
-            ]
+            if predecoded:
+                pixels = [decoded] * size
+            else:
+                pixels = [
+                    model.preprocessor.pixels(decode_image(RawImage(image, "bench"), max_pixels)) for _ in range(size)
+                ]
             return process_batch(model, [ScoreItem(p, detectors) for p in pixels])
 
         return score_batch
 
 
+def start_servers(
+    scenario: str, args: argparse.Namespace, workdir: Path, config: Path | None, state_dir: Path
+) -> dict[str, Server]:
+    """Every HTTP mode's server, started one after the other (the first start fits the demo states once)."""
+    servers: dict[str, Server] = {}
+    sources = [("", ROOT, args.max_wait_ms)]
+    if args.baseline:
+        sources.append(("-baseline", args.baseline.resolve(), args.baseline_wait_ms))
+    for suffix, source, wait_ms in sources:
+        # each source tree its own state directory: an older tree may not read the state files a newer one
+        # writes (and would then serve no detectors, doing less work per image)
+        states = state_dir if not suffix else state_dir.with_name(state_dir.name + suffix)
+        if suffix and config is not None and not states.exists():
+            shutil.copytree(state_dir, states)
+        for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
+            if mode not in args.modes:
+                continue
+            env = {
+                "OOD_MAX_BATCH_SIZE": str(batch_size),
+                "OOD_MAX_WAIT_MS": str(wait_ms),
+                "OOD_STATE_DIR": str(states),
+                "OOD_LOG_LEVEL": "WARNING",
+                **dict(item.split("=", 1) for item in args.server_env),
+            }
+            name = mode + suffix
+            servers[name] = Server(env, config, workdir / f"{scenario}-{name}.log", source)
+            servers[name].wait_ready()
+            servers[name].pause()
+    if "litserve" in args.modes:
+        peer_args = ["--state-dir", str(state_dir), "--max-batch-size", str(args.max_batch_size)]
+        peer_args += ["--max-wait-ms", str(args.max_wait_ms)]
+        if args.detectors:
+            peer_args += ["--detectors", *args.detectors]
+        env = dict(item.split("=", 1) for item in args.server_env)
+        servers["litserve"] = Server(env, config, workdir / f"{scenario}-litserve.log", kind="litserve", args=peer_args)
+        servers["litserve"].wait_ready()
+        servers["litserve"].pause()
+    return servers
+
+
 def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
     state_dir = workdir / f"states-{scenario}"
-    config = resnet18_config(workdir, state_dir) if scenario == "resnet18" else None
+    size = SCENARIOS[scenario]
+    config = resnet18_config(workdir, state_dir, size) if size is not None else None
+    if scenario == "config":
+        if args.config is None:
+            raise SystemExit("the config scenario needs --config FILE")
+        config = config_scenario(args.config, workdir, state_dir)
     if config is not None:  # the servers load this state at start-up, like any stored state
         InProcess(config, state_dir).install_energy_state()
+    if config is None and "batched" not in args.modes:  # the demo's states are fitted by a service's first start
+        Server({"OOD_STATE_DIR": str(state_dir)}, None, workdir / f"{scenario}-fit.log").stop_after_ready()
     servers: dict[str, Server] = {}
     try:
-        sources = [("", ROOT)] + ([("-baseline", args.baseline.resolve())] if args.baseline else [])
-        for suffix, source in sources:
-            # each source tree its own state directory: an older tree may not read the state files a newer one
-            # writes (and would then serve no detectors, doing less work per image)
-            states = state_dir if not suffix else state_dir.with_name(state_dir.name + suffix)
-            if suffix and config is not None and not states.exists():
-                shutil.copytree(state_dir, states)
-            for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
-                env = {
-                    "OOD_MAX_BATCH_SIZE": str(batch_size),
-                    "OOD_MAX_WAIT_MS": str(args.max_wait_ms),
-                    "OOD_STATE_DIR": str(states),
-                    "OOD_LOG_LEVEL": "WARNING",
-                }
-                name = mode + suffix
-                servers[name] = Server(env, config, workdir / f"{scenario}-{name}.log", source)
-                servers[name].wait_ready()  # one after the other: the first start fits the demo states once
-        served = {}
-        for name, server in servers.items():
-            models = httpx.get(f"{server.url}/v1/models", timeout=10.0).json()["models"]
-            served[name] = next(m for m in models if m["task"] == "classification")
-        info = served["batched"]
-        print(f"# {scenario}: model {info['name']}, detectors {info['detectors']}", flush=True)
-        for name, other in served.items():
-            if other["detectors"] != info["detectors"]:
-                print(f"# WARNING: {name} serves detectors {other['detectors']}: its numbers are not comparable")
-        model, image = info["name"], image_for(info)
+        servers = start_servers(scenario, args, workdir, config, state_dir)
+        for server in servers.values():
+            server.pause()
         inprocess = InProcess(config, state_dir)
-        score_batch = inprocess.batch_scorer(image)
+        model = inprocess.model
+        print(f"# {scenario}: model {model.name}, detectors {args.detectors or sorted(model.detectors)}", flush=True)
+        for name, server in servers.items():
+            if server.kind != "service":
+                continue
+            server.resume()
+            models = httpx.get(f"{server.url}/v1/models", timeout=10.0).json()["models"]
+            served = next(m for m in models if m["name"] == model.name)
+            if sorted(served["detectors"]) != sorted(model.detectors):
+                print(f"# WARNING: {name} serves detectors {served['detectors']}: its numbers are not comparable")
+            server.pause()
+        height, width = model.config.input_size
+        image = noise_png((height, width), model.preprocessor.channels)
+        score_batch = inprocess.batch_scorer(image, args.detectors, args.inprocess_predecoded)
+        modes = [*servers, *(["inprocess"] if "inprocess" in args.modes else [])]
         cells = []
         for concurrency in args.concurrency:
             waiting = concurrency * args.images_per_request
-            size = min(waiting, args.max_batch_size)
+            size_now = min(waiting, args.max_batch_size)
             began = time.monotonic()
-            inprocess.worker.submit(score_batch, size).result()
-            cycle = math.ceil(waiting / size) * (time.monotonic() - began)  # ideal closed-loop latency
+            inprocess.worker.submit(score_batch, size_now).result()
+            cycle = math.ceil(waiting / size_now) * (time.monotonic() - began)  # ideal closed-loop latency
             slice_s = max(args.duration / args.rounds, 2 * cycle)  # every client completes >= ~2 requests
             warmup_s = max(args.warmup, 1.5 * cycle)  # queues reach steady state before measuring
-            totals = {mode: Slices() for mode in (*servers, "inprocess")}
-            for _ in range(args.rounds):
+            totals = {mode: Slices() for mode in modes}
+            for _ in range(args.rounds):  # interleaved: a burst of foreign load hits every mode alike
                 for mode, server in servers.items():
-                    load = http_load(
+                    server.resume()
+                    load = LoadSpec(
                         server.url,
-                        model,
+                        server.score_path(model.name, args.detectors),
                         image,
                         concurrency,
                         slice_s,
                         warmup_s,
                         args.images_per_request,
                         server.process.pid,
+                        server.kind == "service",
                     )
-                    totals[mode].add(asyncio.run(load))
-                totals["inprocess"].add(  # in one worker thread, like the service's batcher
-                    inprocess.worker.submit(
-                        inprocess_load,
-                        score_batch,
-                        concurrency,
-                        slice_s,
-                        args.warmup,
-                        args.max_batch_size,
-                        args.images_per_request,
-                    ).result()
-                )
+                    try:
+                        totals[mode].add(load_in_processes(load, args.client_processes))
+                    finally:
+                        server.pause()
+                if "inprocess" in totals:  # in one worker thread, like the service's batcher
+                    totals["inprocess"].add(
+                        inprocess.worker.submit(
+                            inprocess_load,
+                            score_batch,
+                            concurrency,
+                            slice_s,
+                            args.warmup,
+                            args.max_batch_size,
+                            args.images_per_request,
+                        ).result()
+                    )
             for mode, total in totals.items():
                 cells.append(total.cell(scenario, mode, concurrency))
                 cells[-1].images_per_request = args.images_per_request
@@ -490,6 +681,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
         return cells
     finally:
         for server in servers.values():
+            server.resume()
             server.stop()
 
 
@@ -509,37 +701,62 @@ def markdown(cells: list[Cell]) -> str:
             f"| {c.p99_ms:.1f} | {fmt(c.mean_batch_size, 1)} | {fmt(c.server_cpu_ms_per_image, 2)} "
             f"| {fmt(c.client_cpu_ms_per_image, 2)} | {c.errors} | {c.load_average_1m:.1f} |"
         )
-    by_key = {(c.scenario, c.mode, c.concurrency): c.images_per_s for c in cells}
+    by_key = {(c.scenario, c.mode, c.concurrency): c for c in cells}
     lines.append("")
     for scenario, _, concurrency in sorted({(c.scenario, "", c.concurrency) for c in cells}):
-        a = by_key.get((scenario, "batched", concurrency))
-        b = by_key.get((scenario, "unbatched", concurrency))
-        limit = by_key.get((scenario, "inprocess", concurrency))
-        a0 = by_key.get((scenario, "batched-baseline", concurrency))
-        b0 = by_key.get((scenario, "unbatched-baseline", concurrency))
         ratios = []
-        if a and b:
-            ratios.append(f"batched/unbatched = {a / b:.2f}x")
-        if a and limit:
-            ratios.append(f"batched/in-process = {a / limit:.2f}x")
-        if a0 and b0:
-            ratios.append(f"baseline: batched/unbatched = {a0 / b0:.2f}x")
-        if a0 and limit:
-            ratios.append(f"baseline: batched/in-process = {a0 / limit:.2f}x")
+        for numerator, denominator, label in RATIOS:
+            top, bottom = (
+                by_key.get((scenario, numerator, concurrency)),
+                by_key.get((scenario, denominator, concurrency)),
+            )
+            if top and bottom and bottom.images_per_s > 0:
+                text = f"{label} = {top.images_per_s / bottom.images_per_s:.2f}x"
+                if denominator == "litserve":
+                    text += f" (p99 {top.p99_ms:.1f} vs {bottom.p99_ms:.1f} ms)"
+                ratios.append(text)
         lines.append(f"- {scenario} @ {concurrency}: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
+RATIOS = [
+    ("batched", "unbatched", "batched/unbatched"),
+    ("batched", "batched-baseline", "batched/baseline batched"),
+    ("batched", "litserve", "batched/litserve"),
+    ("batched", "inprocess", "batched/in-process"),
+    ("litserve", "inprocess", "litserve/in-process"),
+    ("batched-baseline", "unbatched-baseline", "baseline: batched/unbatched"),
+    ("batched-baseline", "inprocess", "baseline: batched/in-process"),
+]
+"""Throughput ratios printed per scenario and concurrency (numerator mode, denominator mode, label)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=["demo", "resnet18"], choices=["demo", "resnet18"])
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--scenarios", nargs="+", default=["demo", "resnet18-64", "resnet18"], choices=SCENARIOS)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell (all rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved slices per cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each slice")
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batched mode (and LitServe's batch_timeout)")
+    parser.add_argument("--baseline-wait-ms", type=float, default=5.0, help="the baseline tree's batched mode")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["batched", "unbatched", "inprocess"],
+        choices=["batched", "unbatched", "inprocess", "litserve"],
+        help="litserve: the same model and detectors served by LitServe (bench/litserve_peer.py; needs "
+        "`pip install --target build/litserve --no-deps litserve==0.2.19 pyzmq`)",
+    )
+    parser.add_argument("--detectors", nargs="+", default=None, help="detectors to score (default: all active)")
+    parser.add_argument("--server-env", nargs="*", default=[], help="extra NAME=VALUE for every server")
+    parser.add_argument("--config", type=Path, default=None, help="a service config file (scenario `config`)")
+    parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
+    parser.add_argument(
+        "--inprocess-predecoded", action="store_true", help="in-process mode: decode the image once (model limit)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/serve-*.json)")
     parser.add_argument(
         "--baseline",
@@ -557,6 +774,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.omp_wait_policy:  # must be set before torch (libgomp) is loaded: torch is imported lazily below
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     cells: list[Cell] = []
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="ood-bench-serve-") as tmp:
         for scenario in args.scenarios:
             cells += run_scenario(scenario, args, Path(tmp))
@@ -568,6 +786,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": sys.version.split()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "baseline": str(args.baseline) if args.baseline else None,
+        "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
     }
     out.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2))
     print(markdown(cells))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from service.api.multipart import parse_multipart
@@ -59,11 +59,9 @@ async def read_body(request: Request, max_images: int) -> ParsedBody:
 
 def _json_body(body: bytes) -> ParsedBody:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = orjson.loads(body)  # several times faster than json.loads; nesting is limited to 1024 levels
+    except orjson.JSONDecodeError as exc:
         raise BadRequestError(f"body is not valid JSON: {exc}") from exc
-    except RecursionError:  # the C parser recurses per nesting level: 100,000 `[` exhaust the stack limit
-        raise BadRequestError("body is not valid JSON: nested too deeply") from None
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
         raise BadRequestError("JSON body must be {'instances': [{'b64': '<base64 image>'}, ...]}")

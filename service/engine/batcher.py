@@ -1,27 +1,46 @@
-"""Dynamic batching: collect items (images) from concurrent requests into one call of the model.
+"""Adaptive batching: collect items (images) from concurrent requests into one call of the model.
 
 One small asyncio class in the spirit of LitServe's ``collate_requests`` and infinity's bounded queues with load
-shedding:
+shedding. The batching policy (``max_wait_ms = 0``, the default):
 
-* the queue is bounded in ITEMS, not requests; admission is all-or-nothing per request: a request whose items do
+* **an idle worker starts at once** with whatever is queued: a lone request is never held back. The one
+  exception is work already on its way: requests that announced themselves (:meth:`DynamicBatcher.arriving`,
+  e.g. from the moment a route has resolved its model until its images are submitted: reading and decoding on
+  the event loop take a fraction of a millisecond) are waited for, at most :data:`ARRIVING_WAIT_S` after the
+  oldest queued item; with nothing arriving (a lone request) there is no wait at all;
+* **a busy worker lets arrivals accumulate**: the next batch is closed the moment the worker frees, with up to
+  ``max_batch_size`` of the oldest items; a batch that is already full while the worker computes is closed (and
+  prepared, below) at once;
+* ``max_wait_ms > 0`` adds a window for devices where a fuller batch is worth waiting for: an idle worker also
+  waits until ``max_wait_ms`` have passed since the oldest queued item arrived (never restarted by later arrivals)
+  or the batch is full.
+
+So batching never delays an item more than ``max_wait_ms`` beyond the time the worker needs for the batches ahead
+of it, and under load the batch size follows the arrival rate during one batch's compute.
+
+**Overlap.** With a ``prepare`` callable (``prepare(inputs)`` does the first part of ``process(inputs)`` and
+returns the rest as a callable), a batch closed while the worker computes is prepared in a one-thread pool at once
+(e.g. stacked and copied to the GPU), so the worker goes from one batch straight to the next. A batch closed while
+the worker is idle is processed in one go (``process``) in the worker: a thread hop would cost more than it hides.
+
+Guarantees:
+
+* the queue (waiting items, including a closed batch waiting for the worker) is bounded in ITEMS, not requests;
+  admission is all-or-nothing per request: a request whose items do
   not fit in the free capacity is refused at once with :class:`QueueFullError` (HTTP 429 + ``Retry-After``);
-* a batch starts with the oldest waiting item and closes when it holds ``max_batch_size`` items or when
-  ``max_wait_ms`` have passed since that first item entered the queue (the window is never restarted by later
-  arrivals; if the first item already waited that long while the worker was busy, the batch closes at once with
-  whatever is queued, so batching never adds more than ``max_wait_ms`` to the oldest item's latency);
 * a request of many items is split across batches; its future resolves when all its items are done, with results
   in request order;
 * ``process`` runs in ONE worker thread, off the event loop: the model sees one batch at a time, mixing items of
   several requests;
-* failures are isolated per batch: an exception in ``process`` fails exactly the requests with items in that
-  batch; a request past its deadline gets :class:`RequestTimeoutError` (504); a cancelled request (client gone) has
-  its remaining items skipped; ``stop(drain=True)`` refuses new work and finishes everything accepted,
-  ``stop(drain=False)`` fails what is still queued with :class:`BatcherClosedError`. Every accepted item ends in a
-  result or an exception, never silence.
+* failures are isolated per batch: an exception in ``process`` (or ``prepare``) fails exactly the requests with
+  items in that batch; a request past its deadline gets :class:`RequestTimeoutError` (504) and is never processed;
+  a cancelled request (client gone) has its remaining items skipped; ``stop(drain=True)`` refuses new work and
+  finishes everything accepted, ``stop(drain=False)`` answers the running batch and fails what is still waiting
+  with :class:`BatcherClosedError`. Every accepted item ends in a result or an exception, never silence.
 
 Per request the event loop does little: one future, one timer handle for the deadline (no ``asyncio.wait`` /
-``wait_for``, which wrap every wait in a task), and the batching loop sleeps on one plain future that ``submit``
-resolves; everything per image that can be vectorized (verdicts, p-values) happens in ``process``, per batch.
+``wait_for``, which wrap every wait in a task); the batching loop sleeps on one plain future that ``submit`` and
+the worker resolve.
 """
 
 from __future__ import annotations
@@ -33,12 +52,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
+
+ARRIVING_WAIT_S = 0.002
+"""How long an idle worker may wait for announced requests (:meth:`DynamicBatcher.arriving`) to be submitted,
+counted from the oldest queued item: a batch of everything the event loop is already handling costs one forward
+instead of several, and the worker does not take the CPU the event loop needs to finish them."""
 
 
 class BatcherError(Exception):
@@ -91,19 +116,80 @@ class _Item(Generic[T, R]):
     enqueued_at: float
 
 
+@dataclass(eq=False)
+class _Batch(Generic[T, R]):
+    items: list[_Item[T, R]]
+    """Its live items (a request abandoned after the batch closed takes its items out)."""
+    run: Callable[[], list[R]] | asyncio.Future[Callable[[], list[R]]]
+    """What the worker calls for the items the batch closed with; a future while ``prepare`` runs."""
+    closed_with: int = 0
+
+
+class _Wakeup:
+    """Wakes ONE waiting task (the batching loop or the worker loop); both re-check their state after every
+    wake-up, so a wake-up while nobody waits can be dropped."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait(self, until: float | None = None) -> None:
+        """Return when :meth:`set` is called or (``until`` not None) at ``until`` (monotonic seconds)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._future = future
+        timer = None if until is None else loop.call_later(max(0.0, until - time.monotonic()), self.set)
+        try:
+            await future
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+
+
+class Arrival:
+    """A request on its way to :meth:`DynamicBatcher.submit` (a context manager; :meth:`close` when it submitted or
+    gave up)."""
+
+    __slots__ = ("_batcher", "_open")
+
+    def __init__(self, batcher: DynamicBatcher[Any, Any]) -> None:
+        self._batcher = batcher
+        self._open = True
+        batcher._arriving += 1
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._arriving -= 1
+            self._batcher._wakeup.set()
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class DynamicBatcher(Generic[T, R]):
     """Batch items of concurrent :meth:`submit` calls into calls of ``process(list[T]) -> list[R]``.
 
-    ``process`` must return exactly one result per input, in order. ``timeout_s`` is the default per-request
-    deadline, counted from admission. Times are ``time.monotonic()`` seconds.
+    ``process`` must return exactly one result per input, in order; ``prepare(inputs)()`` must equal
+    ``process(inputs)``. ``timeout_s`` is the default per-request deadline, counted from admission. Times are
+    ``time.monotonic()`` seconds.
     """
 
     def __init__(
         self,
         process: Callable[[list[T]], list[R]],
         *,
+        prepare: Callable[[list[T]], Callable[[], list[R]]] | None = None,
         max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         timeout_s: float = 30.0,
         name: str = "",
@@ -114,6 +200,7 @@ class DynamicBatcher(Generic[T, R]):
         if max_wait_ms < 0 or timeout_s <= 0:
             raise ValueError(f"need max_wait_ms >= 0 and timeout_s > 0, got {max_wait_ms}, {timeout_s}")
         self.process = process
+        self.prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -121,74 +208,106 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self.observer = observer
         self._queue: deque[_Item[T, R]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        """Set while the batching loop waits for work; :meth:`_wake` resolves it."""
+        self._next: _Batch[T, R] | None = None
+        """The batch closed and waiting for the worker (at most one)."""
+        self._running: list[_Item[T, R]] = []
+        """Items of the batch the worker computes."""
+        self._wakeup = _Wakeup()
+        """The batching loop's: new items, a free worker, closing."""
+        self._batch_ready = _Wakeup()
+        """The worker loop's: a closed batch, closing."""
         self._task: asyncio.Task[None] | None = None
+        self._worker_task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._preparer: ThreadPoolExecutor | None = None
         self._closing = False
-        self._in_flight = 0
         self._compute_ema_s: float | None = None
+        self._arriving = 0
+        """Announced requests not yet submitted (:meth:`arriving`)."""
 
     # ------------------------------------------------------------------ state
     @property
     def queue_depth(self) -> int:
-        """Items admitted and waiting for a batch (not counting the batch being computed)."""
-        return len(self._queue)
+        """Items admitted and not yet computing: queued, or in the closed batch waiting for the worker."""
+        return len(self._queue) + (len(self._next.items) if self._next is not None else 0)
 
     @property
     def in_flight(self) -> int:
-        """Items in the batch being formed or computed."""
-        return self._in_flight
+        """Items in the batch the worker computes."""
+        return len(self._running)
 
     @property
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`stop` (admission open)."""
         return self._task is not None and not self._closing
 
+    @property
+    def busy(self) -> bool:
+        """True while the worker computes a batch."""
+        return bool(self._running)
+
     def retry_after_s(self, extra_items: int = 0) -> float:
         """Estimated seconds until the queue has drained enough for ``extra_items`` more (at least 0.1 s)."""
         per_batch = self._compute_ema_s if self._compute_ema_s is not None else self.max_wait_s
-        batches = (len(self._queue) + self._in_flight + extra_items) / self.max_batch_size
+        batches = (self.queue_depth + self.in_flight + extra_items) / self.max_batch_size
         return max(0.1, batches * max(per_batch, self.max_wait_s))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Start the batching loop and its worker thread (idempotent)."""
+        """Start the batching loop, its worker thread and (with ``prepare``) its prepare thread (idempotent)."""
         if self._task is not None:
             return
         self._closing = False
-        self._waiter = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{self.name or 'model'}")
+        label = self.name or "model"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{label}")
+        if self.prepare is not None:
+            self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{label}")
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self, drain: bool = True) -> None:
-        """Close admission; finish every accepted item (``drain``) or fail the queued ones, then stop the loop."""
+        """Close admission; finish every accepted item (``drain``) or fail the waiting ones, then stop the loop."""
         self._closing = True
         if not drain:
-            closed = BatcherClosedError("batcher stopped before this request was processed")
-            while self._queue:
-                self._queue.popleft().request.fail(closed)
+            self._fail_waiting(BatcherClosedError("batcher stopped before this request was processed"))
         self._wake()
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait({task})
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for pool in (self._executor, self._preparer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._executor = self._preparer = None
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        while self._queue:
+            self._queue.popleft().request.fail(error)
+        if self._next is not None:
+            for item in self._next.items:
+                item.request.fail(error)
 
     # ------------------------------------------------------------------ submission
-    async def submit(self, items: Sequence[T], timeout_s: float | None = None) -> list[R]:
+    def arriving(self) -> Arrival:
+        """Announce a request that will :meth:`submit` soon (``with batcher.arriving() as arrival: ...
+        submit(items, arrival=arrival)``): an idle worker waits briefly for it instead of starting a batch
+        without it (see the module docstring)."""
+        return Arrival(self)
+
+    async def submit(
+        self, items: Sequence[T], timeout_s: float | None = None, arrival: Arrival | None = None
+    ) -> list[R]:
         """Process ``items`` (possibly across several batches) and return their results in order.
 
         Raises :class:`QueueFullError` at once when the items do not fit, :class:`RequestTimeoutError` when the
         deadline passes, :class:`BatcherClosedError` when not running, or whatever ``process`` raised for a batch
         holding one of these items.
         """
+        if arrival is not None:
+            arrival.close()
         if self._task is None or self._closing:
             raise BatcherClosedError()
         if not items:
             return []
-        free = self.max_queue - len(self._queue)
+        free = self.max_queue - self.queue_depth
         if len(items) > free:
             raise QueueFullError(self.retry_after_s(len(items) - free))
         loop = asyncio.get_running_loop()
@@ -202,7 +321,7 @@ class DynamicBatcher(Generic[T, R]):
             remaining=len(items),
         )
         self._queue.extend(_Item(request, i, now) for i in range(len(items)))
-        self._wake()
+        self._wakeup.set()
         # one timer handle per request (cheaper than asyncio.wait/wait_for, which wrap the wait in a task)
         expiry = loop.call_later(timeout, self._expire, request, timeout)
         try:
@@ -224,54 +343,117 @@ class DynamicBatcher(Generic[T, R]):
         elif not request.future.done():
             request.future.cancel()
         self._queue = deque(item for item in self._queue if item.request is not request)
+        waiting = self._next
+        if waiting is not None and any(item.request is request for item in waiting.items):
+            waiting.items = [item for item in waiting.items if item.request is not request]
 
     # ------------------------------------------------------------------ batching loop
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wakeup.set()
+        self._batch_ready.set()
 
-    async def _wait_for_work(self, until: float | None) -> None:
-        """Return when :meth:`_wake` is called or (``until`` not None) at ``until`` (monotonic seconds)."""
+    def _close_now(self) -> bool | float:
+        """Whether the queued items form a batch now (True), later at a time (a deadline) or on a wake-up (False).
+
+        Called with a non-empty queue of live items and no batch waiting for the worker."""
+        if len(self._queue) >= self.max_batch_size or self._closing:
+            return True
+        if self.busy:
+            return False  # accumulate until the worker frees (it wakes us) or the batch is full
+        oldest = self._queue[0].enqueued_at
+        window_end = oldest + self.max_wait_s
+        if self._arriving > 0:  # work already on its way: wait for it (its submit or give-up wakes us)
+            window_end = max(window_end, oldest + ARRIVING_WAIT_S)
+        return True if time.monotonic() >= window_end else window_end
+
+    def _take(self) -> list[_Item[T, R]]:
+        """Pop up to ``max_batch_size`` of the oldest queued items (every queued item is live: finished requests
+        remove theirs)."""
+        count = min(self.max_batch_size, len(self._queue))
+        return [self._queue.popleft() for _ in range(count)]
+
+    async def _run(self) -> None:
+        """Close batches by the policy; hand each to the worker task (preparing it first when the worker is busy)."""
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        timer = None if until is None else loop.call_later(max(0.0, until - time.monotonic()), self._wake)
+        self._worker_task = asyncio.create_task(self._work(loop), name=f"batcher-worker-{self.name}")
         try:
-            await waiter
+            while True:
+                if self._next is not None or not self._queue:
+                    if self._closing and not self._queue and self._next is None:
+                        break
+                    await self._wakeup.wait()
+                    continue
+                decision = self._close_now()
+                if decision is not True:
+                    await self._wakeup.wait(None if decision is False else float(decision))
+                    continue
+                items = self._take()
+                inputs = [item.request.items[item.index] for item in items]
+                if self.busy and self.prepare is not None and self._preparer is not None:
+                    run: Any = loop.run_in_executor(self._preparer, self.prepare, inputs)
+                else:
+                    run = partial(self.process, inputs)
+                self._next = _Batch(items, run, len(items))
+                self._batch_ready.set()
         finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self._closing = True
+            self._wake()
+            worker, self._worker_task = self._worker_task, None
+            await asyncio.wait({worker})
+            # only non-empty if the loop task itself was cancelled: still answer everyone
+            self._fail_waiting(BatcherClosedError("batcher stopped before this request was processed"))
+            self._queue.clear()
 
-    async def _next_item(self, until: float | None) -> _Item[T, R] | None:
-        """Pop the oldest live item; wait for one until ``until`` (forever if None). None on timeout/closing."""
+    async def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker side: run each closed batch in the worker thread; never dies on a batch's error."""
         while True:
-            while self._queue:
-                item = self._queue.popleft()
-                if not item.request.future.done():
-                    return item
-            if self._closing:
-                return None
-            if until is not None and until - time.monotonic() <= 0:
-                return None
-            await self._wait_for_work(until)
+            batch = self._next
+            if batch is None:
+                if self._closing and not self._queue:
+                    return
+                await self._batch_ready.wait()
+                continue
+            self._next = None
+            self._running = batch.items
+            self._wakeup.set()  # room for the next batch: it may close (and be prepared) while this one computes
+            try:
+                await self._compute(loop, batch)
+            except Exception as error:  # never let the loop die: fail the batch instead
+                logger.exception("batcher %s: unexpected error", self.name)
+                for item in batch.items:
+                    item.request.fail(error)
+            finally:
+                self._running = []
+                self._wakeup.set()
 
-    async def _collect(self) -> list[_Item[T, R]] | None:
-        """Form one batch; None once closing and nothing is left."""
-        first = await self._next_item(None)
-        if first is None:
-            return None
-        batch = [first]
-        self._in_flight = 1
-        window_end = first.enqueued_at + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            item = await self._next_item(window_end)
-            if item is None:
-                break
-            batch.append(item)
-            self._in_flight = len(batch)
-        return batch
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: _Batch[T, R]) -> None:
+        error: Exception | None = None
+        results: list[R] = []
+        started = time.monotonic()
+        try:
+            run = await batch.run if isinstance(batch.run, asyncio.Future) else batch.run
+            started = time.monotonic()
+            items = self._live(batch.items, started)
+            if not items:
+                return
+            if len(items) < batch.closed_with:  # requests gone or expired since the batch closed: skip their items
+                inputs = [item.request.items[item.index] for item in items]
+                run = partial(self.process, inputs)
+            batch.items = items
+            results = await loop.run_in_executor(self._executor, run)
+            if len(results) != len(items):
+                raise RuntimeError(f"process returned {len(results)} results for {len(items)} inputs")
+        except Exception as exc:
+            error = exc
+        compute_s = time.monotonic() - started
+        ema = self._compute_ema_s
+        self._compute_ema_s = compute_s if ema is None else 0.8 * ema + 0.2 * compute_s
+        if error is not None:
+            for item in batch.items:
+                item.request.fail(error)
+        else:
+            self._deliver(batch.items, results)
+        self._observe(len(batch.items), [started - item.enqueued_at for item in batch.items], compute_s)
 
     def _live(self, batch: list[_Item[T, R]], now: float) -> list[_Item[T, R]]:
         """Drop items of finished requests; expire requests past their deadline."""
@@ -279,49 +461,6 @@ class DynamicBatcher(Generic[T, R]):
             if now > item.request.deadline:
                 item.request.fail(RequestTimeoutError("request expired in the batch queue"))
         return [item for item in batch if not item.request.future.done()]
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch: list[_Item[T, R]] | None = None
-        try:
-            while (batch := await self._collect()) is not None:
-                try:
-                    await self._process(loop, batch)
-                except Exception as error:  # never let the loop die: fail the batch instead
-                    logger.exception("batcher %s: unexpected error", self.name)
-                    for item in batch:
-                        item.request.fail(error)
-                finally:
-                    self._in_flight = 0
-        finally:  # only non-empty if the loop task itself was cancelled: still answer everyone
-            closed = BatcherClosedError("batcher stopped before this request was processed")
-            for item in [*(batch or []), *self._queue]:
-                item.request.fail(closed)
-            self._queue.clear()
-
-    async def _process(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[T, R]]) -> None:
-        started = time.monotonic()
-        batch = self._live(batch, started)
-        if not batch:
-            return
-        inputs = [item.request.items[item.index] for item in batch]
-        error: Exception | None = None
-        results: list[R] = []
-        try:
-            results = await loop.run_in_executor(self._executor, self.process, inputs)
-            if len(results) != len(inputs):
-                raise RuntimeError(f"process returned {len(results)} results for {len(inputs)} inputs")
-        except Exception as exc:
-            error = exc
-        compute_s = time.monotonic() - started
-        ema = self._compute_ema_s
-        self._compute_ema_s = compute_s if ema is None else 0.8 * ema + 0.2 * compute_s
-        if error is not None:
-            for item in batch:
-                item.request.fail(error)
-        else:
-            self._deliver(batch, results)
-        self._observe(len(batch), [started - item.enqueued_at for item in batch], compute_s)
 
     @staticmethod
     def _deliver(batch: list[_Item[T, R]], results: list[R]) -> None:

@@ -10,7 +10,6 @@ exactly as a PNG of them would be).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,7 +34,8 @@ class Preprocessor:
         return self.config.resize if self.config.resize is not None else self.input_size
 
     def pixels(self, image: Image.Image) -> Tensor:
-        """Decoded image (any mode) -> ``C x H x W`` uint8 at the model's input size."""
+        """Decoded image (any mode) -> ``C x H x W`` uint8 at the model's input size (a view of ``H x W x C``
+        memory)."""
         image = to_model_mode(image, self.config.mode)
         height, width = self._resize_size()
         if image.size != (width, height):
@@ -44,10 +44,10 @@ class Preprocessor:
             ch, cw = self.config.crop
             left, top = (width - cw) // 2, (height - ch) // 2
             image = image.crop((left, top, left + cw, top + ch))
-        if self.channels == 1:  # one copy out of Pillow, no transpose needed
-            tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, image.height, image.width)
-        else:  # H x W x C -> C x H x W in one numpy copy
-            tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+        # H x W x C as Pillow stores it, seen as C x H x W (channels-last strides: no transposing copy here; the
+        # batch stack lays it out as the network runs)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        tensor = pixels.view(image.height, image.width, self.channels).permute(2, 0, 1)
         if tuple(tensor.shape[1:]) != tuple(self.input_size):
             raise ValueError(f"preprocessing yields {tuple(tensor.shape[1:])}, model expects {self.input_size}")
         return tensor

@@ -22,11 +22,11 @@ from PIL import Image
 from torch import Tensor
 
 from service.engine.active import ActiveDetector
-from service.engine.batcher import BatchObserver, DynamicBatcher
+from service.engine.batcher import Arrival, BatchObserver, DynamicBatcher
 from service.engine.decode import RawImage, load_image, open_image
 from service.engine.items import ItemResult, ScoreItem
 from service.engine.maps import MapFormat
-from service.engine.scoring import ScoreObserver, process_batch
+from service.engine.scoring import ScoreObserver, prepare_batch, process_batch
 from service.engine.served_model import ServedModel
 from service.engine.verdicts import check_threshold_params
 from service.errors import DetectorNotFoundError, WrongTaskError
@@ -47,9 +47,12 @@ class EngineObserver(BatchObserver, ScoreObserver, Protocol):
 def attach_batcher(
     model: ServedModel, *, max_queue: int, timeout_s: float, observer: EngineObserver | None = None
 ) -> DynamicBatcher[ScoreItem, ItemResult]:
-    """Give ``model`` its batcher, whose worker runs :func:`process_batch` (start it with ``await .start()``)."""
+    """Give ``model`` its batcher, whose worker runs :func:`process_batch` (start it with ``await .start()``). On
+    CUDA a batch closed while the worker is busy is staged on the device by :func:`prepare_batch` meanwhile; on the
+    CPU staging is one ``torch.stack``, cheaper than the thread hop that would hide it."""
     model.batcher = DynamicBatcher(
         partial(process_batch, model, observer=observer),
+        prepare=partial(prepare_batch, model, observer=observer) if model.device.type == "cuda" else None,
         max_batch_size=model.max_batch_size,
         max_wait_ms=model.max_wait_ms,
         max_queue=max_queue,
@@ -125,9 +128,11 @@ async def submit(
     tpr: float | None = None,
     map_format: MapFormat | None = None,
     map_sizes: list[tuple[int, int]] | None = None,
+    arrival: Arrival | None = None,
 ) -> list[ItemResult]:
     """Submit the images to the model's batcher; finished results in request order. Segmentation: maps at
-    ``map_sizes`` (default: the model's input size), encoded as ``map_format`` by the worker (``None``: tensors)."""
+    ``map_sizes`` (default: the model's input size), encoded as ``map_format`` by the worker (``None``: tensors).
+    ``arrival``: the request's announcement (:meth:`DynamicBatcher.arriving`), closed once its items are queued."""
     if model.batcher is None:
         raise RuntimeError(f"model {model.name!r} has no batcher: attach_batcher() was not called")
     if model.task != "segmentation":
@@ -139,4 +144,4 @@ async def submit(
             ScoreItem(pixels, detectors, (int(size[0]), int(size[1])), threshold, tpr, map_format=map_format)
             for (pixels, _), size in zip(decoded, sizes, strict=True)
         ]
-    return await model.batcher.submit(items)
+    return await model.batcher.submit(items, arrival=arrival)

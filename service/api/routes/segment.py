@@ -12,11 +12,11 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Detectors, ReadableModel, ScoringQuery, Services, TargetTPR, Threshold
-from service.api.routes.score import SCORING_ERRORS, decode_and_submit
+from service.api.routes.score import SCORING_ERRORS, LeanRoute, decode_and_submit
 from service.api.schemas import IMAGES_BODY, SegmentResponse
 from service.engine.maps import MapFormat, parse_map_size
 
-router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"])
+router = APIRouter(prefix="/v1/models/{model}", tags=["scoring"], route_class=LeanRoute)
 INLINE_RENDER_BYTES = 256 * 1024
 """Answers estimated larger than this are serialised in the thread pool, so the event loop never blocks on them."""
 

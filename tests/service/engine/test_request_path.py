@@ -15,6 +15,7 @@ from ood_core.calibration import Calibration
 from ood_core.detector import EnergyBased
 from service.engine import submit
 from service.engine.active import ActiveDetector, StoredState
+from service.engine.devices import Staged
 from service.engine.items import ScoreItem
 from service.engine.scoring import process_batch
 from service.engine.verdicts import threshold_for
@@ -29,8 +30,11 @@ class TwoLogitModel:
 
     task = "classification"
 
-    def forward(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = torch.stack(pixels).float().reshape(len(pixels), -1)[:, :1] / 50.0
+    def stage(self, pixels: list[torch.Tensor]) -> Staged:
+        return Staged(torch.stack(pixels), len(pixels))
+
+    def forward_staged(self, staged: Staged) -> dict[str, torch.Tensor]:
+        x = staged.batch.float().reshape(len(staged.batch), -1)[:, :1] / 50.0
         return {"logits": torch.cat([x, torch.zeros_like(x)], dim=1)}
 
 
