@@ -6,6 +6,7 @@ Module map (each sub-package's ``__init__`` has its own):
   middleware, response schemas and the docs pages.
 * :mod:`service.engine`: everything that runs a model, web-free: model building, preprocessing, the served model,
   the batcher, per-batch scoring and verdicts, and :mod:`service.engine.submit`, the request path's entry point.
+* :mod:`service.console`: the web console's static files (served at ``/`` by ``api.routes.console``).
 * :mod:`service.states`: detector states: the on-disk store, validation against a model, installs, replica sync,
   fitting.
 * Top level: :mod:`~service.app` (the app factory and lifespan), :mod:`~service.settings` (pydantic-settings,

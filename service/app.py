@@ -15,7 +15,7 @@ from service.api.auth import ApiKeys, FailureLimiter
 from service.api.deps import ApiServices
 from service.api.docs import install_docs, install_schema
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import detectors, fit, health, models, score, segment
+from service.api.routes import console, detectors, drift, fit, health, jobs, models, score, segment, v2, versions
 from service.context import ServiceContext
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
@@ -48,7 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     context = ServiceContext(settings)
+    context.metrics.configure_drift(settings.drift_window, settings.drift_alpha, settings.drift_refresh_s)
     app.state.context = context
+    app.state.jobs = context.jobs
     app.state.services = ApiServices(
         settings=settings,
         catalog=context.catalog,
@@ -57,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys=ApiKeys.from_settings(settings),
         auth_failures=FailureLimiter(settings.auth_failures_per_minute),
     )
-    problems.install_handlers(app, problems.Redactor.for_settings(settings))
+    redactor = problems.Redactor.for_settings(settings)
+    context.jobs.redact = redactor  # a job's error never names a server path
+    problems.install_handlers(app, redactor)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=context.metrics,
@@ -65,8 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_state_bytes=settings.max_state_bytes,
         body_grace_s=settings.body_grace_s,
         body_min_rate=settings.body_min_rate_kib_s * 1024,
+        max_fit_bytes=settings.max_fit_upload_bytes,
     )
-    for module in (health, models, detectors, score, segment, fit):
+    for module in (health, models, detectors, versions, score, segment, fit, jobs, v2, drift, console):
         app.include_router(module.router)
     install_schema(app, settings.max_images_per_request, settings.max_fit_images)
     if not hide_schema:

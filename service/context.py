@@ -5,8 +5,9 @@ Start-up (:meth:`ServiceContext.start`) runs in the background so that the serve
 it builds the models, loads the stored detector states (fitting the demo's on first start), gives each model its
 batcher and warms it up with a full batch; only then is the service ready (``/readyz``). Then, every
 ``state_sync_s`` seconds, it syncs the served detectors with the state directory that other replicas write too
-(:mod:`service.states.sync`). Shutdown stops the sync and drains the batchers, so every accepted request is
-answered.
+(:mod:`service.states.sync`). Fit jobs (:mod:`service.jobs`) left queued or running by a process that died are
+marked "interrupted by a restart" at start-up. Shutdown stops the sync, ends the running and queued fit jobs (also
+"interrupted by a restart") and drains the batchers, so every accepted request is answered.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.engine.catalog import ModelCatalog
 from service.engine.items import ScoreItem
 from service.engine.served_model import ServedModel
 from service.engine.submit import attach_batcher
+from service.jobs.manager import JobManager
 from service.metrics import ServiceMetrics
 from service.settings import ModelConfig, Settings
 from service.states.manager import StateManager
@@ -29,14 +31,27 @@ logger = logging.getLogger("service.context")
 WARMUP_TIMEOUT_S = 300.0
 
 
+def prepare_states(settings: Settings) -> None:
+    """Before several worker processes start on one state directory (``OOD_WORKERS``): remove what interrupted
+    writes left behind and, for the demo on its first start, fit and store its states once (each worker would
+    otherwise fit them at the same time)."""
+    context = ServiceContext(settings)
+    context.states.store.cleanup().log()
+    if not settings.models:
+        for config in context.model_configs():
+            context._load_model(config)
+
+
 class ServiceContext:
     """Owns the models' start-up and shutdown; holds the parts the routes are given."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.catalog = ModelCatalog()
-        self.states = StateManager(settings.state_dir)
+        self.states = StateManager(settings.state_dir, settings.state_keep)
         self.metrics = ServiceMetrics(self.catalog)
+        self.jobs = JobManager(settings, self.catalog, self.states, observer=self.metrics)
+        self.metrics.watch_jobs(self.jobs.active_counts)
         self._startup: asyncio.Task[None] | None = None
         self._sync: asyncio.Task[None] | None = None
         self._ready_event: asyncio.Event | None = None
@@ -67,6 +82,8 @@ class ServiceContext:
         try:
             report = await asyncio.to_thread(self.states.store.cleanup)  # what interrupted writes left behind
             report.log()
+            await asyncio.to_thread(self.jobs.recover)  # jobs a dead process left: failed, spools removed
+            self.jobs.start(asyncio.get_running_loop())
             for config in self.model_configs():
                 model = await asyncio.to_thread(self._load_model, config)
                 batcher = attach_batcher(
@@ -115,6 +132,7 @@ class ServiceContext:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self.jobs.stop()  # queued and running fit jobs: failed, "interrupted by a restart"
         for model in self.catalog:
             if model.batcher is not None:
                 await model.batcher.stop(drain=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -29,6 +29,8 @@ NAME_PATTERN = re.compile(NAME_REGEX)
 NAME_MAX_LENGTH = 64
 
 Size = tuple[int, int]
+Autocast = bool | Literal["bfloat16", "float16"]
+"""``false``, ``true`` (the device's usual dtype) or a dtype name."""
 
 
 def is_valid_name(name: str) -> bool:
@@ -52,6 +54,8 @@ def _size(value: Any) -> Any:
 
 class PreprocessConfig(BaseModel):
     """Image -> network input: convert to ``mode``, resize, center-crop, scale to [0, 1], ``(x - mean) / std``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key in the config file is an error, not ignored
 
     mode: Literal["L", "RGB"] = "RGB"
     resize: Size | None = None
@@ -78,14 +82,21 @@ class PreprocessConfig(BaseModel):
 class NodesConfig(BaseModel):
     """Graph nodes (``torchvision.models.feature_extraction`` names) giving each network output."""
 
+    model_config = ConfigDict(extra="forbid")
+
     logits: str
     features: str | None = None
     feature_maps: str | None = None
+    layers: list[str] = Field(default_factory=list)
+    """Feature-map nodes of several layers, in order, returned by the same forward (``Gram``, ``MultiMahalanobis``;
+    ``NACUE``'s layers)."""
 
 
 class HeadsConfig(BaseModel):
     """Submodule names chained to map features / feature maps to logits (detectors such as ReAct need them);
     a 4-D tensor is flattened before an ``nn.Linear``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     features: list[str] = Field(default_factory=list)
     feature_maps: list[str] = Field(default_factory=list)
@@ -93,6 +104,8 @@ class HeadsConfig(BaseModel):
 
 class ModelConfig(BaseModel):
     """One served network."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     source: Literal["zoo", "torchvision"] = "torchvision"
@@ -108,9 +121,11 @@ class ModelConfig(BaseModel):
     nodes: NodesConfig
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     device: str | None = None
-    autocast: bool | None = None
+    autocast: Autocast | None = None
     max_batch_size: int | None = Field(default=None, gt=0)
     max_wait_ms: float | None = Field(default=None, ge=0)
+    channels_last: bool | None = None
+    compile: bool | None = None
 
     _coerce = field_validator("input_size", mode="before")(_size)
 
@@ -153,28 +168,47 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     """Every knob of the service (environment: ``OOD_<NAME>``)."""
 
-    model_config = SettingsConfigDict(env_prefix="OOD_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="OOD_", extra="forbid", use_attribute_docstrings=True)
 
     models: list[ModelConfig] = Field(default_factory=list)
     """Served networks; empty: the embedded digits demo."""
     state_dir: Path = Field(default_factory=default_state_dir)
+    """Detector states, fit jobs and upload spools (``$XDG_STATE_HOME/ood-serve/states`` by default)."""
     device: str | None = None
     """``cuda``, ``cuda:1``, ``cpu``...; default CUDA when present."""
-    autocast: bool = False
+    autocast: Autocast = False
+    """Forward in reduced precision: ``bfloat16`` / ``float16``, ``true`` (float16 on CUDA, bfloat16 on CPU) or
+    ``false``; the detectors always get float32 outputs."""
+    channels_last: bool = True
+    """Run 4-D (convolutional) networks in ``channels_last`` memory format (faster with oneDNN and tensor cores)."""
+    cudnn_benchmark: bool = True
+    """CUDA: let cuDNN pick the fastest kernels per shape (batches are padded to a few sizes, all warmed up)."""
+    compile: bool = False
+    """``torch.compile`` the feature extractor (dynamic batch size), compiled and warmed up before ``/readyz``."""
     max_batch_size: int = Field(default=32, gt=0)
-    max_wait_ms: float = Field(default=5.0, ge=0)
+    """Images per model forward (the batcher pads to a few sizes up to this)."""
+    max_wait_ms: float = Field(default=0.0, ge=0)
+    """0 (adaptive): a batch starts at once when the worker is idle and takes what queued while it was busy; > 0:
+    an idle worker also waits up to this long after the oldest item for a fuller batch."""
+    workers: int = Field(default=1, gt=0)
+    """uvicorn worker processes (``ood-serve``), each with its own models and batchers, in sync through the state
+    directory."""
     max_queue: int = Field(default=1024, gt=0)
+    """Images waiting per model; a request that does not fit gets 429 (``Retry-After``)."""
     request_timeout_s: float = Field(default=30.0, gt=0)
+    """A request whose images wait longer than this in the queue gets 504."""
     api_keys: str | None = None
     """Comma-separated API keys (``Authorization: Bearer KEY``)."""
     api_keys_file: Path | None = None
     """File with one API key per line (blank lines and ``#`` comments ignored)."""
     require_auth_for_read: bool = False
+    """Reads (scoring, listings, ``/metrics``) need an API key too; the schema and docs pages are then not served."""
     max_body_mb: float = Field(default=32.0, gt=0)
     """Request bodies (images, fits); detector state uploads have their own limit, ``max_state_mb``."""
     max_state_mb: float = Field(default=1024.0, gt=0)
     """Detector state uploads (``PUT``): a KNN state holds its whole ID feature bank (50,000 x 512 is 100 MB)."""
     max_images_per_request: int = Field(default=64, gt=0)
+    """Images in one ``/score`` or ``/segment`` request (413 beyond)."""
     max_pixels: int = Field(default=25_000_000, gt=0)
     """Refuse an image whose header announces more pixels than this, before decoding it."""
     max_map_pixels: int = Field(default=2048 * 2048, gt=0)
@@ -182,26 +216,47 @@ class Settings(BaseSettings):
     max_response_mb: float = Field(default=64.0, gt=0)
     """Estimated size of one ``/segment`` answer, refused with 413 before any work when over."""
     max_fit_images: int = Field(default=5000, gt=0)
-    """Images per ``/fit`` request."""
-    fit_calibration_share: float = Field(default=0.2, gt=0, lt=1)
-    """Default share of the ``/fit`` ID images held out for calibration."""
+    """Images per ``/fit`` request sent as ``files`` parts or JSON ``instances`` (archives: no count limit)."""
+    fit_calibration_share: float = Field(default=0.1, gt=0, lt=1)
+    """Default share of a fit job's ID images held out for calibration (stratified by class)."""
+    max_fit_upload_mb: float = Field(default=10240.0, gt=0)
+    """Body of a fit job (an archive or a safetensors of outputs), spooled to the state volume while it arrives."""
+    fit_data_root: Path | None = None
+    """Folder whose sub-paths a fit job may name as ``{"source": "relative/path"}`` (unset: refused)."""
+    max_queued_fit_jobs: int = Field(default=4, ge=0)
+    """Fit jobs waiting per model behind its running one; more are refused with 429."""
+    keep_jobs: int = Field(default=100, ge=1)
+    """Finished fit jobs kept listed (their records in ``<state_dir>/.jobs/``)."""
+    state_keep: int = Field(default=3, ge=1)
+    """Versions of each detector state kept on disk (the active one included), for ``.../rollback``."""
     max_connections: int = Field(default=512, gt=0)
     """Open HTTP connections; past it a new one gets a 503 and is closed at once (keeps file descriptors free)."""
     header_timeout_s: float = Field(default=10.0, gt=0)
     """Time for a request's line and headers to arrive, from their first byte (408 and close otherwise)."""
     max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    """Bytes of a request's line and headers (431 beyond)."""
     max_headers: int = Field(default=100, gt=0)
+    """Headers of one request (431 beyond)."""
     keep_alive_s: float = Field(default=5.0, gt=0)
     """An idle keep-alive connection is closed after this long."""
     body_grace_s: float = Field(default=15.0, gt=0)
+    """Seconds a body may take whatever its size (see ``body_min_rate_kib_s``)."""
     body_min_rate_kib_s: float = Field(default=256.0, gt=0)
     """A body must arrive within ``body_grace_s + size / body_min_rate_kib_s`` of the request's start (408)."""
     auth_failures_per_minute: int = Field(default=30, gt=0)
     """Failed authentications per client address and minute before its requests get 429 (``Retry-After``)."""
     state_sync_s: float = Field(default=10.0, ge=0)
     """Seconds between syncs with the state directory, which other replicas may write too (0: no sync)."""
+    drift_window: int = Field(default=1000, gt=0, le=100_000)
+    """Last scored images per model and detector whose p-values the drift tests look at (``/drift``)."""
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    """A detector is ``drifting`` when one of its drift tests' p-values is below this."""
+    drift_refresh_s: float = Field(default=1.0, ge=0)
+    """The drift tests are recomputed at most this often while images arrive (0: at every reading)."""
     log_level: str = "INFO"
+    """``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``."""
     log_json: bool = True
+    """One JSON object per log line (``false``: plain text)."""
 
     @classmethod
     def settings_customise_sources(
@@ -242,15 +297,35 @@ class Settings(BaseSettings):
     def max_state_bytes(self) -> int:
         return int(self.max_state_mb * 1024 * 1024)
 
+    @property
+    def max_fit_upload_bytes(self) -> int:
+        return int(self.max_fit_upload_mb * 1024 * 1024)
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or parsed; the message is one line naming the file (and the place)."""
+
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a ``.yaml`` / ``.yml`` / ``.json`` config file into a dict."""
-    text = Path(path).read_text(encoding="utf-8")
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    """Parse a ``.yaml`` / ``.yml`` / ``.json`` config file into a dict (:class:`ConfigFileError` otherwise)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigFileError(f"cannot read config file {path}: {reason}") from exc
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(f"config file {path} is not valid JSON: {exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigFileError(f"config file {path} is not valid YAML{where}: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigFileError(f"config file {path} must hold a mapping at the top level")
     return data
 
 

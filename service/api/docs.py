@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
 
 from service.api.schemas import BODY_MODELS
+from service.api.v2_schemas import V2_BODY_MODELS
 
 ASSETS_URL = "/docs/assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
@@ -56,7 +57,8 @@ def install_schema(app: FastAPI, max_images: int, max_fit_images: int) -> None:
                 routes=app.routes,
             )
             _, extra = models_json_schema(
-                [(model, "validation") for model in BODY_MODELS], ref_template="#/components/schemas/{model}"
+                [(model, "validation") for model in (*BODY_MODELS, *V2_BODY_MODELS)],
+                ref_template="#/components/schemas/{model}",
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in extra.get("$defs", {}).items():

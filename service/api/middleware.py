@@ -32,6 +32,9 @@ from service.metrics import ServiceMetrics
 logger = logging.getLogger("service.access")
 STATE_UPLOAD = re.compile(r"/v1/models/[^/]+/detectors/[^/]+")
 """Paths whose ``PUT`` is a detector state upload (limited by ``max_state_bytes``, not ``max_body_bytes``)."""
+FIT_UPLOAD = re.compile(r"/v1/models/[^/]+/detectors/[^/]+/fit")
+"""Paths whose ``POST`` starts a fit job (limited by ``max_fit_bytes``: an archive spooled to disk; the route keeps
+the in-memory forms within ``max_body_bytes`` itself)."""
 
 
 class RequestIds:
@@ -69,11 +72,13 @@ class RequestContextMiddleware:
         max_state_bytes: int,
         body_grace_s: float = 15.0,
         body_min_rate: float = 256 * 1024,
+        max_fit_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_state_bytes = max_state_bytes
+        self.max_fit_bytes = max_fit_bytes if max_fit_bytes is not None else max_body_bytes
         self.body_grace_s = body_grace_s
         self.body_min_rate = body_min_rate
 
@@ -94,6 +99,8 @@ class RequestContextMiddleware:
         status = 500
         upload = scope["method"] == "PUT" and STATE_UPLOAD.fullmatch(scope["path"]) is not None
         limit = self.max_state_bytes if upload else self.max_body_bytes
+        if scope["method"] == "POST" and FIT_UPLOAD.fullmatch(scope["path"]) is not None:
+            limit = self.max_fit_bytes
         expected = int(declared) if declared.isdigit() else 0
         received = 0
         body_done = False

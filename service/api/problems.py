@@ -6,7 +6,8 @@ table decides their status (in the spirit of KServe's ``exception_handlers``). A
 whose body names neither its type nor its message, with ``Connection: close`` (the server drops the connection
 after it). Every ``detail`` goes through :class:`Redactor`: no memory address, object repr or server path leaves
 the server. A client that disconnected mid-body is logged as such and counted as 499 (nginx's "client closed
-request"), never as a server error.
+request"), never as a server error. Under ``/v2`` the body is the Open Inference Protocol's ``{"error": ...}``
+instead (:func:`error_response`), with the same statuses.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from starlette.requests import ClientDisconnect
 from ood_core.api import InvalidStateError
 from service import errors
 from service.engine.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
+from service.fit.dist import RankFailedError
+from service.fit.sources import DataSourceError
+from service.jobs.errors import JobFinishedError, JobNotFoundError, JobQueueFullError, JobsClosedError
 from service.logs import request_id_var
 from service.settings import Settings, check_name
 
@@ -43,10 +47,13 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
     exception's own ``title``)."""
     return {
         errors.BadRequestError: (400, None),
+        DataSourceError: (400, None),
         errors.AuthenticationRequiredError: (401, None),
         errors.ForbiddenError: (403, None),
         errors.ModelNotFoundError: (404, None),
         errors.DetectorNotFoundError: (404, None),
+        JobNotFoundError: (404, None),
+        JobFinishedError: (409, None),
         errors.RequestTimeoutReadingBodyError: (408, None),
         errors.PayloadTooLargeError: (413, None),
         errors.ResponseTooLargeError: (413, None),
@@ -61,11 +68,14 @@ def status_table() -> dict[type[Exception], tuple[int, str | None]]:
         RequestValidationError: (422, "Invalid request parameters"),
         QueueFullError: (429, "Too many requests: batch queue full"),
         errors.TooManyFailedAuthenticationsError: (429, None),
+        JobQueueFullError: (429, None),
         errors.HeadersTooLargeError: (431, None),
         errors.NotReadyError: (503, None),
         BatcherClosedError: (503, "Service shutting down"),
+        JobsClosedError: (503, None),
         RequestTimeoutError: (504, "Request timed out in the batch queue"),
         errors.InsufficientStorageError: (507, None),
+        RankFailedError: (500, None),  # a distributed fit (ood-fit under torchrun); a server's jobs run one rank
         ClientDisconnect: (499, "Client closed request"),
     }
 
@@ -105,18 +115,39 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
     400: "Bad request: a parameter or the body is malformed (the detail says which)",
     401: "Authentication required: no `Authorization: Bearer <key>` header",
     403: "Forbidden: the API key is not valid",
-    404: "Unknown model or detector",
+    404: "Unknown model, detector, version or job",
     408: "The request body did not arrive in time",
+    409: "Conflict: the job already ended",
     413: "Payload too large: body, image count or image pixels over the limits",
     415: "Unsupported media type",
     422: "Invalid name, parameter, image or detector state (the detail says which)",
-    429: "Batch queue full, or too many failed authentications from this address: retry after `Retry-After` s",
+    429: "Batch queue or fit-job queue full, or too many failed authentications from this address: retry after "
+    "`Retry-After` s",
     431: "Request header fields too large or too many",
     500: "Internal server error (the body names neither the exception nor its message)",
     503: "Not ready: warming up, start-up failed or shutting down (`Retry-After`)",
     504: "The request was not processed before its deadline",
     507: "The state volume is full: nothing was changed",
 }
+
+
+PROTOCOL_V2_PREFIX = "/v2"
+"""Paths of the Open Inference Protocol (:mod:`service.api.routes.v2`): their errors are its ``{"error": ...}``."""
+
+
+def error_response(
+    status: int, title: str, detail: str, request: Request, request_id: str | None, headers: dict[str, str]
+) -> JSONResponse:
+    """The error body chosen by path, the status always from the table: under ``/v2`` the Open Inference
+    Protocol's ``{"error": detail}`` (``application/json``; the protocol answers invalid input with 400, so the
+    table's 422 is 400 there), elsewhere :func:`problem_response`."""
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path == PROTOCOL_V2_PREFIX or path.startswith(PROTOCOL_V2_PREFIX + "/"):
+        return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
+    return problem_response(status, title, detail, request.url.path, request_id, headers)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -201,11 +232,11 @@ def _handler(redact: Redactor, status: int | None, fixed_title: str | None = Non
                 headers["X-Request-ID"] = request_id
         if unexpected or code in CLOSES_CONNECTION:
             headers["Connection"] = "close"
-        return problem_response(
+        return error_response(
             code,
             str(title),
             "internal error" if unexpected else redact(_detail(exc)),
-            request.url.path,
+            request,
             request_id,
             headers,
         )

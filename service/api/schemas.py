@@ -54,10 +54,17 @@ class DetectorInfo(BaseModel):
     size_bytes: int
     detector_class: str
     uploaded_at: str = Field(description="UTC, ISO 8601")
-    input_kind: Literal["logits", "features", "feature_maps"]
+    input_kind: Literal["logits", "features", "feature_maps", "multi_features", "input"] = Field(
+        description="what the detector reads: one network output, several layers' outputs (multi_features) or the "
+        "preprocessed input, running the network itself (input)"
+    )
     calibrated: bool = Field(description="the state holds calibration scores (thresholds and p-values)")
     default_threshold: float | None = Field(description="threshold at the calibration's target TPR")
     target_tpr: float | None
+    calibration_size: int | None = Field(default=None, description="calibration scores the threshold comes from")
+    warnings: list[str] = Field(
+        default_factory=list, description="e.g. a calibration set too small for its target TPR to mean anything"
+    )
 
 
 class DetectorList(BaseModel):
@@ -145,6 +152,29 @@ class SegmentResponse(BaseModel):
     results: list[ImageSegment]
 
 
+class DetectorDrift(BaseModel):
+    """One detector's drift window and its two tests (``service.engine.drift``; test fields null while empty)."""
+
+    version: int = Field(description="the detector state version the window belongs to (a new one starts empty)")
+    window: int = Field(description="window size: the last OOD_DRIFT_WINDOW scored images")
+    filled: int = Field(description="images in the window")
+    calibration_size: int | None = Field(description="n, the calibration scores the p-values come from")
+    target_tpr: float | None = Field(description="TPR of the default threshold")
+    ood_share: float | None = Field(description="share of the window OOD at the default threshold")
+    expected_share: float | None = Field(description="(n - ceil(tpr n) + 1) / (n + 1), about 1 - tpr")
+    share_p_value: float | None = Field(description="exact one-sided test of the OOD count (beta-binomial)")
+    ks_statistic: float | None = Field(description="Kolmogorov-Smirnov distance of the p-values to uniform")
+    ks_p_value: float | None = Field(description="KS test p-value (two-sample null: window vs calibration)")
+    drifting: bool = Field(description="a p-value is below OOD_DRIFT_ALPHA")
+    note: str | None = Field(None, description="why nothing is tested (segmentation, no calibration)")
+
+
+class DriftResponse(BaseModel):
+    model: str
+    alpha: float = Field(description="OOD_DRIFT_ALPHA")
+    detectors: dict[str, DetectorDrift]
+
+
 class Instance(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -162,12 +192,22 @@ class LabelledInstance(Instance):
 
 
 class FitBody(BaseModel):
-    """JSON body of ``/fit``."""
+    """JSON body of ``/fit``: the data as ``source`` (a path under ``OOD_FIT_DATA_ROOT``) or ``instances``, and the
+    job's parameters (each may come in the query instead)."""
 
     detector_class: str = Field(description="an ood_core detector class, e.g. Mahalanobis")
     hparams: dict[str, object] = Field(default_factory=dict, description="constructor arguments")
-    calibration_share: float | None = Field(None, gt=0, lt=1, description="share of ID images held out")
-    instances: list[LabelledInstance] = Field(min_length=2, description="at least one image to fit, one to calibrate")
+    calibration_share: float | None = Field(None, gt=0, lt=1, description="share of each class's ID images held out")
+    tpr: float | None = Field(None, gt=0, lt=1, description="target ID true-positive rate (default 0.95)")
+    seed: int | None = Field(None, ge=0, description="seeds the calibration hold-out")
+    skip_invalid: bool | None = Field(None, description="skip undecodable images instead of failing the job")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="images per forward")
+    source: str | None = Field(
+        None, description="a folder, archive or WebDataset shard pattern relative to OOD_FIT_DATA_ROOT"
+    )
+    instances: list[LabelledInstance] | None = Field(
+        None, min_length=2, description="images with labels: at least one to fit, one to calibrate"
+    )
 
 
 IMAGES_BODY: dict[str, object] = {
@@ -189,26 +229,49 @@ IMAGES_BODY: dict[str, object] = {
 }
 """OpenAPI request body of ``/score`` and ``/segment`` (the routes read the body themselves, for the limits)."""
 
+_ARCHIVE = {"type": "string", "format": "binary", "description": "class folders <class>/<image> (+ ood/)"}
 FIT_BODY: dict[str, object] = {
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (
+            ("detector_class", {"type": "string"}),
+            ("hparams", {"type": "string", "description": "JSON object"}),
+            ("calibration_share", {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+            ("tpr", {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+            ("seed", {"type": "integer", "minimum": 0}),
+            ("skip_invalid", {"type": "boolean"}),
+            ("batch_size", {"type": "integer", "minimum": 1, "maximum": 4096}),
+        )
+    ],
     "requestBody": {
         "required": True,
         "content": {
+            "application/zip": {"schema": _ARCHIVE},
+            "application/x-tar": {"schema": _ARCHIVE},
+            "application/gzip": {"schema": _ARCHIVE},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary", "description": "an archive or outputs safetensors"}
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "properties": {
+                        "file": {**_ARCHIVE, "description": "an archive (or outputs safetensors), streamed to disk"},
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 2},
                         "labels": {"type": "string", "description": "comma-separated class indices, < 0 = OOD"},
                         "detector_class": {"type": "string"},
                         "hparams": {"type": "string", "description": "JSON object"},
-                        "calibration_share": {"type": "number"},
+                        "calibration_share": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                        "tpr": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                        "seed": {"type": "integer", "minimum": 0},
+                        "skip_invalid": {"type": "boolean"},
+                        "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096},
                     },
-                    "required": ["files", "labels", "detector_class"],
                 }
             },
             "application/json": {"schema": {"$ref": "#/components/schemas/FitBody"}},
         },
-    }
+    },
 }
 
 STATE_BODY: dict[str, object] = {

@@ -7,8 +7,10 @@ Module map:
   :mod:`~service.states.cleanup` removes what interrupted writes left (at start and after each write).
 * :mod:`~service.states.validate`: load a safetensors state for a served model and check it (class, input kind,
   dimensions, a smoke test on the warm-up outputs) before it can replace the active one.
-* :mod:`~service.states.manager`: :class:`StateManager`, which installs (validate, store, swap in), removes and
-  loads at start-up the detectors of a model; every change holds its write lock.
+* :mod:`~service.states.versions`: the last ``OOD_STATE_KEEP`` versions of a detector and where each came from
+  (upload, fit job, rollback), recorded in ``active.json``'s history.
+* :mod:`~service.states.manager`: :class:`StateManager`, which installs (validate, store, swap in), rolls back to a
+  kept version, removes and loads at start-up the detectors of a model; every change holds its write lock.
 * :mod:`~service.states.sync`: the periodic compare-and-swap sync with states that other replicas wrote.
 * :mod:`~service.states.fitting`: fit and calibrate a detector through the served model's own forward.
 

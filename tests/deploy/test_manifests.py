@@ -166,12 +166,162 @@ def test_configmap_and_env_are_settings_the_service_accepts(
     config = tmp_path / "config.yaml"
     config.write_text(config_maps["ood-serve-config"]["data"]["config.yaml"])
     container = _by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env.update(next(d for name, d in config_maps.items() if name.startswith("ood-serve-env"))["data"])
     known = {f"OOD_{field.upper()}" for field in Settings.model_fields}
-    assert set(env) <= known, f"unknown settings in the manifests: {sorted(set(env) - known)}"
+    from_secrets = {e["name"] for e in container["env"] if "valueFrom" in e}
+    assert set(env) | from_secrets <= known, f"unknown settings in the manifests: {sorted(set(env) - known)}"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(config)
     assert str(settings.state_dir) == "/var/lib/ood"
     assert settings.device == ("cuda" if overlay == "gpu" else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- KServe (V2)
+KSERVE = ROOT / "deploy" / "kserve"
+PREDICTOR_EXTENSION_FIELDS = {
+    "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "containerConcurrency", "timeout",
+    "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy", "autoScaling",
+}  # fmt: skip
+"""KServe's ``ComponentExtensionSpec`` (v1beta1): the predictor's fields besides ``model`` and the pod's."""
+SERVING_RUNTIME_FIELDS = {
+    "supportedModelFormats", "multiModel", "disabled", "protocolVersions", "workerSpec", "containers", "volumes",
+    "nodeSelector", "affinity", "tolerations", "labels", "annotations", "imagePullSecrets", "hostIPC",
+    "grpcEndpoint", "grpcDataEndpoint", "httpDataEndpoint", "replicas", "storageHelper", "builtInAdapter",
+}  # fmt: skip
+"""KServe's ``ServingRuntimeSpec`` (v1alpha1, ``pkg/apis/serving/v1alpha1/servingruntime_types.go``)."""
+MODEL_FIELDS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "storage"}
+
+
+def _kserve() -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(KSERVE)], check=True, capture_output=True, text=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def _validate(docs: list[dict[str, Any]], path: Path) -> None:
+    path.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "-k", K8S_VERSION, "--strict", "--quiet", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kserve_manifests_build_and_their_pod_validates_against_pinned_kubernetes(tmp_path: Path) -> None:
+    """KServe's CRDs cannot be validated offline: the core objects are, and so is the Pod KServe builds from the
+    ServingRuntime's containers and volumes and the predictor's pod fields; the CR fields are checked against
+    KServe's types."""
+    docs = _kserve()
+    core_kinds = {"ServiceAccount", "ConfigMap", "Secret", "PersistentVolumeClaim"}
+    assert {d["kind"] for d in docs} == core_kinds | {"ServingRuntime", "InferenceService"}
+    _validate([d for d in docs if "kserve.io" not in d["apiVersion"]], tmp_path / "core.yaml")
+    runtime, isvc = _by_kind(docs)["ServingRuntime"], _by_kind(docs)["InferenceService"]
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert set(runtime["spec"]) <= SERVING_RUNTIME_FIELDS
+    predictor = dict(isvc["spec"]["predictor"])
+    assert set(predictor.pop("model")) <= MODEL_FIELDS
+    pod_fields = {k: v for k, v in predictor.items() if k not in PREDICTOR_EXTENSION_FIELDS}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "ood-serve-predictor"},
+        "spec": {**pod_fields, "containers": runtime["spec"]["containers"], "volumes": runtime["spec"]["volumes"]},
+    }
+    _validate([pod], tmp_path / "pod.yaml")  # strict: an unknown pod or container field fails
+
+
+def test_kserve_predictor_serves_v2_with_probes_on_the_v2_health_routes() -> None:
+    docs = _by_kind(_kserve())
+    runtime, isvc = docs["ServingRuntime"], docs["InferenceService"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2" and model["runtime"] == runtime["metadata"]["name"]
+    assert "v2" in runtime["spec"]["protocolVersions"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == "ood-serve:0.1.0"
+    (port,) = container["ports"]
+    assert _arg(container["args"], "--port") == str(port["containerPort"])
+    assert _arg(container["args"], "--host") == "0.0.0.0"
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert probes["readinessProbe"]["path"] == probes["startupProbe"]["path"] == "/v2/health/ready"
+    assert all(probe["port"] == port["containerPort"] for probe in probes.values())
+    assert isvc["spec"]["predictor"]["minReplicas"] >= 1  # never scaled to zero: replicas hold the batch queue
+
+
+def test_kserve_wiring_and_settings_are_what_the_service_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.settings import Settings, load_settings
+
+    built = _kserve()
+    docs = _by_kind(built)
+    runtime, isvc = docs["ServingRuntime"], docs["InferenceService"]
+    (container,) = runtime["spec"]["containers"]
+    names = {(d["kind"], d["metadata"]["name"]) for d in built}
+    volumes = {v["name"]: v for v in runtime["spec"]["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} == set(volumes)
+    assert ("PersistentVolumeClaim", volumes["state"]["persistentVolumeClaim"]["claimName"]) in names
+    assert ("ConfigMap", volumes["config"]["configMap"]["name"]) in names
+    assert ("Secret", volumes["api-keys"]["secret"]["secretName"]) in names
+    assert ("ServiceAccount", isvc["spec"]["predictor"]["serviceAccountName"]) in names
+    (env_from,) = container["envFrom"]
+    assert ("ConfigMap", env_from["configMapRef"]["name"]) in names  # no hash suffix: KServe's CR is not rewritten
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env.update(next(d for d in built if d["metadata"]["name"] == env_from["configMapRef"]["name"])["data"])
+    known = {f"OOD_{field.upper()}" for field in Settings.model_fields}
+    assert set(env) <= known, f"unknown settings in the manifests: {sorted(set(env) - known)}"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "config.yaml"
+    config.write_text(next(d for d in built if d["metadata"]["name"] == "ood-serve-config")["data"]["config.yaml"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert _arg(container["args"], "--config").startswith(mounts["config"] + "/")
+    settings = load_settings(config)
+    assert str(settings.state_dir) == mounts["state"] and settings.device == "cpu"
+    assert str(settings.api_keys_file).startswith(mounts["api-keys"] + "/")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_monitor_sends_a_key_the_server_accepts(overlay: str) -> None:
+    """With ``OOD_REQUIRE_AUTH_FOR_READ=true`` ``/metrics`` needs a key: the ServiceMonitor sends the Secret's
+    ``metrics-key`` as a bearer key and the Deployment gives the same Secret entry to the server as a key."""
+    docs = _build(overlay)
+    kinds = _by_kind(docs)
+    (endpoint,) = kinds["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["authorization"]["type"] == "Bearer"
+    reference = endpoint["authorization"]["credentials"]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert reference["key"] in secrets[reference["name"]]["stringData"]
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    keys = next(e for e in container["env"] if e["name"] == "OOD_API_KEYS")
+    assert keys["valueFrom"]["secretKeyRef"] == {**reference, "optional": True}
+
+
+def test_prometheus_scrape_config_sends_the_key_compose_gives_the_server() -> None:
+    prom = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "ood-serve"]
+    assert job["authorization"]["type"] == "Bearer"
+    key_file = job["authorization"]["credentials_file"]
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    mounted = {c["target"]: c["source"] for c in compose["services"]["prometheus"]["configs"]}
+    content = compose["configs"][mounted[key_file]]["content"]
+    assert content == "${OOD_METRICS_KEY:-}"
+    server_keys = compose["services"]["ood-serve"]["environment"]["OOD_API_KEYS"]
+    assert content in server_keys.split(",")  # the scrape key is one of the server's keys
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # Debian's prometheus package
+        result = subprocess.run(
+            [promtool, "check", "config", "--syntax-only", str(ROOT / "docker" / "prometheus.yml")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr

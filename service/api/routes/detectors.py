@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,7 +40,21 @@ def detector_info(active: ActiveDetector) -> DetectorInfo:
         calibrated=calibration is not None,
         default_threshold=None if calibration is None else calibration.threshold(),
         target_tpr=None if calibration is None else calibration.target_tpr,
+        calibration_size=None if calibration is None else calibration.n,
+        warnings=[] if calibration is None else calibration_warnings(calibration.n, calibration.target_tpr),
     )
+
+
+def calibration_warnings(n: int, tpr: float) -> list[str]:
+    """A calibration of ``n`` scores cannot place a threshold at ``tpr`` below its largest score when
+    ``n < 1 / (1 - tpr)``: that threshold accepts every calibration image and its TPR means nothing."""
+    if tpr >= 1.0 or n >= 1.0 / (1.0 - tpr):
+        return []
+    need = math.ceil(1.0 / (1.0 - tpr) - 1e-9)
+    return [
+        f"calibration set of {n} score(s) is too small for a {tpr:.0%} TPR threshold (at least {need} needed): "
+        "the threshold is the largest calibration score"
+    ]
 
 
 def written(active: ActiveDetector, existed: bool) -> JSONResponse:
@@ -63,7 +78,9 @@ async def upload_detector(
     _: WriteAccess, model: Model, name: DetectorName, request: Request, services: Services
 ) -> JSONResponse:
     """Upload a state saved by ``ood_core.state.save_detector``; validated against the model before it
-    replaces the active one (422 with the reason otherwise). 201 when new, 200 when replacing. The body streams
+    replaces the active one (422 with the reason otherwise). 201 when new, 200 when replacing. The body is the
+    raw file (``application/octet-stream``, no content type, or curl's default for ``--data-binary``,
+    ``application/x-www-form-urlencoded``) or a multipart ``file`` part. It streams
     into a file on the state volume (:mod:`service.api.uploads`), which is loaded from there and renamed into
     place; a refused or interrupted upload leaves nothing (507 when the volume is full)."""
     store = services.states.store

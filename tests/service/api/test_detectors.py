@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ood_core.calibration import Calibration
-from ood_core.detector import KNN, ODIN, EnergyBased, Mahalanobis
+from ood_core.detector import KNN, MCM, EnergyBased, Mahalanobis
 from ood_core.state import save_detector
 from service.settings import Settings
 from tests.service.conftest import API_KEY, AUTH, AppRunner, digit_png, noise_png
@@ -103,7 +103,7 @@ def test_replacing_bumps_the_version_and_keeps_the_previous_file(app: AppRunner)
         (lambda: b"not a safetensors file", "truncated"),
         (lambda: mahalanobis_state(dim=16, classes=6), "dimension 16"),
         (lambda: mahalanobis_state(dim=64, classes=3), "3 classes"),
-        (lambda: save_detector(ODIN()), "input_kind 'input'"),
+        (lambda: save_detector(MCM(None, torch.randn(6, 64))), "vision-language"),
         (lambda: energy_state(1.0)[:-3], "truncated"),
         (lambda: with_metadata(energy_state(1.0), **{"class": "Bogus"}), "unknown detector class 'Bogus'"),
     ],

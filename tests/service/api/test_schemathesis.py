@@ -8,10 +8,11 @@ Every operation of the schema is fuzzed with ALL of schemathesis' checks (the de
 the limit, see :data:`CONFIG_TOML`), once without a key and once with
 ``Authorization: Bearer <API_KEY>`` (so that the write routes get past auth). Failures are asserted strictly.
 
-Destructive operations: the write operations (``PUT`` / ``DELETE`` of a detector state and ``POST .../fit``) never
-reach the server of the read operations (``reads_url``; it serves everything else, the state download
-``GET .../detectors/{name}`` included). They run against servers of their own, each with its own copy of the demo
-states: ``writes_url`` without a key (the failed-auth limiter as configured: its 429s are checked too) and
+Destructive operations: the write operations (``PUT`` / ``DELETE`` of a detector state, ``POST .../fit`` and
+``.../rollback``, ``DELETE /v1/jobs/{id}``) never reach the server of the read operations (``reads_url``; it serves
+everything else, the state download ``GET .../detectors/{name}`` included). They run against servers of their own,
+each with its own copy of the demo states: ``writes_url`` and ``job_writes_url`` (cancel and rollback) without a
+key (the failed-auth limiter as configured: its 429s are checked too) and
 ``writes_key_url`` with the key (its limiter raised: ``ignored_auth`` probes every success without a key and with
 a wrong one, and the no-key run alone passes 30 failures a minute, so one shared limiter would answer the key run
 with 429 only). A fuzzed upload, delete or fit may replace or remove any demo detector there without changing what
@@ -29,8 +30,9 @@ example count, :data:`CONFIG_TOML` and :func:`map_case`):
   valid): the images (multipart ``files`` or JSON ``instances[].b64``) are replaced by real PNGs, upload bodies by
   a real state file of that model (downloaded from the read server), and ``/fit`` bodies get labels that match
   the images, a detector class that model can fit without a fit step, ``hparams={}`` and ``calibration_share
-  =0.5``. The schema cannot say "a decodable image" or "a valid state file", so without this every positive body
-  is rejected with 422 and ``positive_data_acceptance`` would test nothing. Structure that the schema does
+  =0.5``; ``/v2/.../infer`` bodies get one real ``images`` tensor (base64 PNGs) and no output names. The schema
+  cannot say "a decodable image" or "a valid state file", so without this every positive body is rejected with 422
+  and ``positive_data_acceptance`` would test nothing. Structure that the schema does
   describe (empty or oversized lists, missing optional parts, extra properties, query values) is left as
   generated, so the checks still see schema-valid requests the server refuses.
 
@@ -119,6 +121,13 @@ parameters = {{ "path.model" = {{ dictionary = "segmenters", probability = 0.8 }
 # 413 is a designed answer to schema-valid /segment requests: the map-pixel and response-size limits are products
 # of several parameters (images x detectors x ?size= x format), which a schema cannot state
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "413", "429", "5xx"]
+
+[[operations]]
+include-path-regex = "/infer$"
+# the Open Inference Protocol answers a schema-valid request whose tensors hold no images (data not matching the
+# shape, strings that are not base64 image files, unknown output names) with 400, which a schema cannot state; 413
+# past the image-count limit
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "413", "429", "5xx"]
 """
 """Schemathesis configuration shared with ``bench/fuzz.sh`` (which writes it to a ``schemathesis.toml``)."""
 
@@ -184,6 +193,39 @@ def _steer_images(case: Case, fit_model: str | None) -> None:
             body.update(hparams="{}", calibration_share=0.5)
 
 
+def _fit_archive() -> bytes:
+    """A zip of the images in class folders (``0/`` .. ``3/``): a fit job's data."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, image in enumerate(IMAGES * 2):
+            archive.writestr(f"{index % 4}/{index}.png", image)
+    return buffer.getvalue()
+
+
+def _steer_fit(case: Case, fit_model: str | None) -> None:
+    """A fit job that can run: images with labels (or an archive), a class the model fits without a fit step, no
+    ``source`` (the test servers set no OOD_FIT_DATA_ROOT: that refusal is a designed 400) and JSON ``hparams``."""
+    query = case.query if isinstance(case.query, dict) else None
+    if fit_model is not None and query is not None:
+        if "hparams" in query:
+            query["hparams"] = "{}"
+        query["detector_class"] = FIT_CLASSES[fit_model][0]
+    if not isinstance(case.body, dict):  # an archive as the raw body
+        case.body = _fit_archive()
+        return
+    body = case.body
+    body.pop("source", None)
+    body.pop("file", None)
+    if case.media_type == "application/json" and not isinstance(body.get("instances"), list):
+        body["instances"] = [{"b64": "", "label": 0}, {"b64": "", "label": 1}]
+    elif case.media_type is not None and case.media_type.startswith("multipart/") and not body.get("files"):
+        body["files"] = IMAGES[:2]
+    _steer_images(case, fit_model)
+
+
 def map_case(context: HookContext, case: Case) -> Case:
     """Make the body of a positive case what the schema means but cannot say: real images, a real state file, a
     fit request that can succeed (see the module docstring). Negative cases are left alone."""
@@ -194,7 +236,14 @@ def map_case(context: HookContext, case: Case) -> Case:
     if operation.path.endswith(("/score", "/segment")):
         _steer_images(case, fit_model=None)
     elif operation.path.endswith("/fit"):
-        _steer_images(case, fit_model=model if model in FIT_CLASSES else None)
+        _steer_fit(case, fit_model=model if model in FIT_CLASSES else None)
+    elif (
+        operation.path.endswith("/infer") and isinstance(case.body, dict) and isinstance(case.body.get("inputs"), list)
+    ):
+        count = 1 + len(case.body["inputs"]) % len(IMAGES)  # the one V2 input: real images (BYTES, base64)
+        data = [base64.b64encode(image).decode() for image in IMAGES[:count]]
+        case.body["inputs"] = [{"name": "images", "datatype": "BYTES", "shape": [count], "data": data}]
+        case.body.pop("outputs", None)  # names of the model's outputs, which the schema cannot list
     elif operation.method.upper() == "PUT" and model in STATES:
         if isinstance(case.body, dict) and "file" in case.body:
             case.body["file"] = STATES[model]
@@ -208,9 +257,16 @@ def map_case(context: HookContext, case: Case) -> Case:
 
 
 def is_write(ctx: Any) -> bool:
-    """The operations that change detector states (run against the write server only)."""
+    """The operations that change detector states or jobs (run against the write servers only)."""
     operation = ctx.operation
-    return operation.method.upper() in ("PUT", "DELETE") or operation.path.endswith("/fit")
+    return operation.method.upper() in ("PUT", "DELETE") or operation.path.endswith(("/fit", "/rollback"))
+
+
+def is_job_write(ctx: Any) -> bool:
+    """The writes of the jobs and versions (cancel, rollback): without a key they go to a server of their own, so
+    that each no-key write server's failed-auth limiter (30 a minute) sees the failures of fewer operations."""
+    operation = ctx.operation
+    return is_write(ctx) and (operation.path.startswith("/v1/jobs") or operation.path.endswith("/rollback"))
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -233,6 +289,14 @@ def writes_url(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The server of the write operations without a key, with its own copy of the demo states (and the failed-auth
     limiter as configured by default: its 429s are part of what is checked)."""
     states = _copy_states(demo_state_dir, tmp_path_factory, "write-states")
+    with serve(load_settings(state_dir=states, api_keys=API_KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def job_writes_url(demo_state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server of the job and version writes without a key (like :func:`writes_url`)."""
+    states = _copy_states(demo_state_dir, tmp_path_factory, "job-write-states")
     with serve(load_settings(state_dir=states, api_keys=API_KEY)) as url:
         yield url
 
@@ -276,6 +340,11 @@ def _writes_schema(writes_url: str) -> OpenApiSchema:
 
 
 @pytest.fixture(scope="module")
+def _job_writes_schema(job_writes_url: str) -> OpenApiSchema:
+    return load_schema(job_writes_url)
+
+
+@pytest.fixture(scope="module")
 def _writes_key_schema(writes_key_url: str) -> OpenApiSchema:
     return load_schema(writes_key_url)
 
@@ -293,13 +362,20 @@ def writes_schema(request: pytest.FixtureRequest, _writes_schema: OpenApiSchema)
 
 
 @pytest.fixture
+def job_writes_schema(request: pytest.FixtureRequest, _job_writes_schema: OpenApiSchema) -> OpenApiSchema:
+    _nodeid_shim(request)
+    return _job_writes_schema
+
+
+@pytest.fixture
 def writes_key_schema(request: pytest.FixtureRequest, _writes_key_schema: OpenApiSchema) -> OpenApiSchema:
     _nodeid_shim(request)
     return _writes_key_schema
 
 
 reads = schemathesis.pytest.from_fixture("reads_schema").exclude(is_write)
-writes = schemathesis.pytest.from_fixture("writes_schema").include(is_write)
+writes = schemathesis.pytest.from_fixture("writes_schema").include(is_write).exclude(is_job_write)
+job_writes = schemathesis.pytest.from_fixture("job_writes_schema").include(is_job_write)
 writes_with_key = schemathesis.pytest.from_fixture("writes_key_schema").include(is_write)
 
 
@@ -319,6 +395,12 @@ def test_reads_with_key(case: Case) -> None:
 @writes.parametrize()
 @HYPOTHESIS_SETTINGS
 def test_writes_without_key(case: Case) -> None:
+    case.call_and_validate(timeout=REQUEST_TIMEOUT_S)
+
+
+@job_writes.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_job_writes_without_key(case: Case) -> None:
     case.call_and_validate(timeout=REQUEST_TIMEOUT_S)
 
 

@@ -20,6 +20,7 @@ from ood_core.state import save_detector
 from service.engine.served_model import ServedModel
 from service.settings import load_settings
 from tests.service.conftest import API_KEY, AUTH, AppRunner, png_bytes
+from tests.service.jobs.archives import wait_job
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,7 +95,9 @@ def test_fit_through_the_heads(app: AppRunner) -> None:
     for cls, name in (("KNN", "knn"), ("ReAct", "react")):
         body = {"detector_class": cls, "hparams": {"k": 1} if cls == "KNN" else {}, "instances": instances}
         response = app.post(f"/v1/models/r18/detectors/{name}/fit", json=body, headers=AUTH)
-        assert response.status_code == 201, response.text
+        assert response.status_code == 202, response.text
+        job = wait_job(app, response.json()["id"])
+        assert job["state"] == "done", job
     scored = app.post("/v1/models/r18/score?detectors=knn,react", json={"instances": instances[:3]}).json()
     assert all(set(r["detectors"]) == {"knn", "react"} for r in scored["results"])
     assert all(r["detectors"]["react"]["threshold"] is not None for r in scored["results"])
