@@ -308,7 +308,8 @@ def test_reads_need_a_key_when_configured_but_health_stays_open(make_settings: C
             with pytest.raises(InferenceServerException) as error:
                 v2.infer("digits", [_bytes_input(IMAGES[:1], binary=True)], headers={"Authorization": "Bearer wrong"})
             assert error.value.status() == "403"
-            result = v2.infer("digits", [_bytes_input(IMAGES[:1], binary=True)], headers=dict(AUTH))  # tritonclient writes into the dict
+            # a copy: tritonclient writes its Inference-Header-Content-Length (an int) into the dict it is given
+            result = v2.infer("digits", [_bytes_input(IMAGES[:1], binary=True)], headers=dict(AUTH))
             assert result.as_numpy("prediction").shape == (1,)
         answer = httpx.get(f"{url}/v2/models/digits")
         assert answer.status_code == 401 and list(answer.json()) == ["error"]
