@@ -5,7 +5,7 @@ weights at 224x224, saved as safetensors into a temp dir and configured through 
 each concurrency level, ``N`` asyncio clients each send one request, wait for the answer and send the next
 (closed loop) against a real ``python -m service`` uvicorn process on a free loopback port:
 
-* (a) ``batched``: ``OOD_MAX_BATCH_SIZE=32``, ``OOD_MAX_WAIT_MS=5`` (the defaults);
+* (a) ``batched``: ``OOD_MAX_BATCH_SIZE=32``, ``OOD_MAX_WAIT_MS=0`` (the defaults: adaptive batching);
 * (b) ``unbatched``: ``OOD_MAX_BATCH_SIZE=1``;
 * (c) ``inprocess``: the same model and detector states loaded in this process through the service's own code and
   called with no HTTP and no queue, on batches of ``min(images in flight, 32)`` in one worker thread (the limit
@@ -16,8 +16,9 @@ service's ``/metrics`` batch-size histogram (``_sum / _count`` over the measured
 of the server process and of the load generator (Linux ``/proc``; less sensitive to foreign load than throughput).
 ``--baseline DIR`` also runs (a) and (b) from another source tree in the same interleaved rounds, for before/after
 comparisons. The machine may be shared:
-all servers run side by side and each cell is measured in ``--rounds`` interleaved slices (a, b, c, a, b, c, ...),
-so a burst of foreign load hits all modes alike and their RATIOS stay meaningful; the 1-minute load average
+all servers run side by side and each cell is measured in ``--rounds`` interleaved slices (a, b, c, b, c, a, c, a,
+b, ...: each mode goes first in turn, since the first slice of a round measured systematically slower; use a
+multiple of the number of modes), so a burst of foreign load hits all modes alike and their RATIOS stay meaningful; the 1-minute load average
 is recorded with every cell. Warm-up and window grow with the closed-loop cycle, and throughput is taken by Little's
 law (see :meth:`Slices.cell`). Writes JSON to ``bench/results/serve-<timestamp>.json`` and prints a Markdown
 table. Method and results: ``docs/benchmark-serve.md``. Usage::
@@ -611,7 +612,8 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
         config = config_scenario(args.config, workdir, state_dir)
     if config is not None:  # the servers load this state at start-up, like any stored state
         InProcess(config, state_dir).install_energy_state()
-    if config is None and "batched" not in args.modes:  # the demo's states are fitted by a service's first start
+    if config is None:  # the demo's states are fitted by a service's first start: by a throwaway one, so that
+        # every measured server starts the same way (a server that fitted them served ~10% slower at concurrency 1)
         Server({"OOD_STATE_DIR": str(state_dir)}, None, workdir / f"{scenario}-fit.log").stop_after_ready()
     servers: dict[str, Server] = {}
     try:
@@ -644,8 +646,23 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
             slice_s = max(args.duration / args.rounds, 2 * cycle)  # every client completes >= ~2 requests
             warmup_s = max(args.warmup, 1.5 * cycle)  # queues reach steady state before measuring
             totals = {mode: Slices() for mode in modes}
-            for _ in range(args.rounds):  # interleaved: a burst of foreign load hits every mode alike
-                for mode, server in servers.items():
+            for round_index in range(args.rounds):  # interleaved: a burst of foreign load hits every mode alike
+                shift = round_index % len(modes)  # and each mode goes first in turn: no position bias
+                for mode in modes[shift:] + modes[:shift]:
+                    if mode == "inprocess":  # in one worker thread, like the service's batcher
+                        totals[mode].add(
+                            inprocess.worker.submit(
+                                inprocess_load,
+                                score_batch,
+                                concurrency,
+                                slice_s,
+                                args.warmup,
+                                args.max_batch_size,
+                                args.images_per_request,
+                            ).result()
+                        )
+                        continue
+                    server = servers[mode]
                     server.resume()
                     load = LoadSpec(
                         server.url,
@@ -662,18 +679,6 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
                         totals[mode].add(load_in_processes(load, args.client_processes))
                     finally:
                         server.pause()
-                if "inprocess" in totals:  # in one worker thread, like the service's batcher
-                    totals["inprocess"].add(
-                        inprocess.worker.submit(
-                            inprocess_load,
-                            score_batch,
-                            concurrency,
-                            slice_s,
-                            args.warmup,
-                            args.max_batch_size,
-                            args.images_per_request,
-                        ).result()
-                    )
             for mode, total in totals.items():
                 cells.append(total.cell(scenario, mode, concurrency))
                 cells[-1].images_per_request = args.images_per_request

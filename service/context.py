@@ -13,6 +13,7 @@ marked "interrupted by a restart" at start-up. Shutdown stops the sync, ends the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -99,6 +100,8 @@ class ServiceContext:
                 size = min(model.max_batch_size, self.settings.max_queue)
                 assert model.batcher is not None
                 await model.batcher.submit([blank] * size, timeout_s=WARMUP_TIMEOUT_S)
+            gc.collect()  # start-up's objects (torch, the models, the demo fit) leave the collector's view: the
+            gc.freeze()  # full collections under load then walk only what requests allocate (p95 at c=64: 280 -> 127 ms)
             catalog.ready = True
             logger.info("service ready", extra={"models": sorted(catalog.models)})
             if self.settings.state_sync_s > 0:
