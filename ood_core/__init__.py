@@ -8,11 +8,13 @@ Detector core: :mod:`ood_core.api` (the ``Detector`` base, ``TensorSpec``; re-ex
 (the tag that fit statistics carry), :mod:`ood_core.constructor_args` (``model`` / ``encoder`` alias, required
 arguments), :mod:`ood_core.errors`, :mod:`ood_core.detector` (one module per detector). Shared math:
 :mod:`ood_core.gaussian` (streaming, mergeable class Gaussian statistics) and :mod:`ood_core.mahalanobis_kernels`
-(precision matrices, Mahalanobis distances). Fitted state: :mod:`ood_core.state`, :mod:`ood_core.fit_checkpoint`,
-:mod:`ood_core.distributed` (merging fits across ranks).
+(precision matrices, Mahalanobis distances). Fitted state: :mod:`ood_core.state` (save / load; its metadata in
+:mod:`ood_core.state_metadata`, byte-deterministic writing in :mod:`ood_core.state_write`),
+:mod:`ood_core.fit_checkpoint`, :mod:`ood_core.distributed` (merging fits across ranks).
 
 Training-side modules: :mod:`ood_core.loss` (objectives), :mod:`ood_core.metrics` (OODMetrics, per-metric classes,
-:mod:`ood_core.metrics.functional`), :mod:`ood_core.search` (``GridSearch`` over detector hyperparameters) and
+:mod:`ood_core.metrics.functional`), :mod:`ood_core.search` (``GridSearch`` over detector hyperparameters; its data in
+:mod:`ood_core.search_outputs`) and
 :mod:`ood_core.augment` (PixMix, outlier pasting).
 """
 

@@ -108,7 +108,7 @@ class Calibration:
         return {"calibration.quantiles": self.quantiles.contiguous()}
 
     def to_metadata(self) -> str:
-        return json.dumps({"n": self.n, "target_tpr": self.target_tpr})
+        return json.dumps({"n": self.n, "target_tpr": self.target_tpr}, sort_keys=True)
 
     @classmethod
     def from_saved(cls, tensors: dict[str, Tensor], metadata: str) -> Calibration:

@@ -28,15 +28,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 import ood_core
 from ood_core.api import FIT_SIGNATURE_KEY, Detector
 from ood_core.errors import InvalidStateError
-from ood_core.state import MAX_REASON_CHARS, MAX_VERSION_CHARS, _json_field, detector_class, write_atomic
+from ood_core.state import MAX_REASON_CHARS, detector_class
 from ood_core.state_format import excerpt
 from ood_core.state_io import Source, read_source, tensor_digest
+from ood_core.state_metadata import MAX_VERSION_CHARS, json_field
+from ood_core.state_write import canonical_json, canonical_safetensors, write_atomic
 from ood_core.utils import all_finite
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_fit_checkpoint", "save_fit_checkpoint"]
@@ -71,7 +72,7 @@ def save_fit_checkpoint(
         raise ValueError(f"{type(detector).__name__} needs no fit: there is nothing to checkpoint")
     user_meta = _check_meta(meta or {})
     try:
-        hparams_json = json.dumps(detector.hparams(), allow_nan=False)
+        hparams_json = canonical_json(detector.hparams())
     except (TypeError, ValueError) as exc:
         raise ValueError(f"hyperparameters of {type(detector).__name__} cannot be stored: {exc}") from exc
     tensors = {f"stats.{k}": t for k, t in detector.fit_statistics().items() if k != FIT_SIGNATURE_KEY}
@@ -89,17 +90,17 @@ def save_fit_checkpoint(
         "library_version": ood_core.__version__,
         "fit_pass": json.dumps(detector.fit_pass),
         "fit_passes": json.dumps(detector.fit_passes),
-        "user_meta": json.dumps(user_meta),
+        "user_meta": canonical_json(user_meta),
         "tensor_sha256": tensor_digest(tensors),
     }
-    data = st_save(tensors, metadata=metadata)
+    data = canonical_safetensors(tensors, metadata)
     if path is not None:
         write_atomic(Path(path), data)
     return data
 
 
 def _int_field(meta: dict[str, str], key: str) -> int:
-    value = _json_field(meta, key)
+    value = json_field(meta, key)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1000:
         raise InvalidStateError(f"fit checkpoint '{key}' must be a small non-negative integer, got {excerpt(value)}")
     return value
@@ -119,10 +120,10 @@ def _header(meta: dict[str, str], tensors: dict[str, Tensor]) -> tuple[type[Dete
         raise InvalidStateError("fit checkpoint 'tensor_sha256' must be 64 lowercase hexadecimal digits")
     if tensor_digest(tensors) != want:
         raise InvalidStateError("tensor digest mismatch: the fit checkpoint is corrupted")
-    hparams = _json_field(meta, "hparams")
+    hparams = json_field(meta, "hparams")
     if not isinstance(hparams, dict):
         raise InvalidStateError("fit checkpoint 'hparams' must be a JSON object")
-    user_meta = _json_field(meta, "user_meta")
+    user_meta = json_field(meta, "user_meta")
     try:
         user_meta = _check_meta(user_meta)
     except ValueError as exc:

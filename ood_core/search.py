@@ -4,8 +4,8 @@ The protocol is OpenOOD's automatic parameter search: every combination of the g
 data and scored on a validation set with ID (labels ``>= 0``) and OOD (labels ``< 0``) samples; the combination with
 the best metric (AUROC by default) wins. Network outputs are computed *once*: pass them directly (``(outputs,
 labels)``, as a fit job does) or pass loaders of ``(x, y)`` batches, which are run through the network a single
-time. Only detectors that need the network in the loop (``input_kind == "input"``: ODIN, MCD, ...) are re-run on
-the loaders for each candidate.
+time (:mod:`ood_core.search_outputs`). Only detectors that need the network in the loop (``input_kind ==
+"input"``: ODIN, MCD, ...) are re-run on the loaders for each candidate.
 
 .. code-block:: python
 
@@ -27,7 +27,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,37 +36,12 @@ from torch import Tensor
 from ood_core.api import Detector
 from ood_core.errors import OODError
 from ood_core.metrics import OODMetrics
+from ood_core.search_outputs import Data, Outputs, is_outputs, prepare_outputs, scores_from_outputs
 
 __all__ = ["GridSearch"]
 
-Outputs = Tensor | list[Tensor]
-#: network outputs with labels, or a loader of ``(x, y)`` batches
-Data = tuple[Outputs, Tensor] | Iterable[Any]
-
 #: errors that disqualify one candidate; anything else (a bug, CUDA out of memory) ends the search
 CANDIDATE_ERRORS = (ValueError, TypeError, ArithmeticError, OODError, RuntimeError, NotImplementedError)
-
-
-def _is_outputs(data: Any) -> bool:
-    """Whether ``data`` is ``(outputs, labels)`` rather than a loader of batches."""
-    if not isinstance(data, tuple) or len(data) != 2 or not isinstance(data[1], Tensor):
-        return False
-    outputs = data[0]
-    return isinstance(outputs, Tensor) or (isinstance(outputs, list) and all(isinstance(t, Tensor) for t in outputs))
-
-
-def _rows_of(outputs: Outputs) -> int:
-    return (outputs if isinstance(outputs, Tensor) else outputs[0]).shape[0]
-
-
-def _slice(outputs: Outputs, start: int, stop: int) -> Outputs:
-    return outputs[start:stop] if isinstance(outputs, Tensor) else [t[start:stop] for t in outputs]
-
-
-def _to(outputs: Outputs, device: torch.device | None) -> Outputs:
-    if device is None:
-        return outputs
-    return outputs.to(device) if isinstance(outputs, Tensor) else [t.to(device) for t in outputs]
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -167,39 +142,10 @@ class GridSearch:
                 continue
         return None
 
-    def _extract(self, prototype: Detector, loader: Iterable[Any]) -> tuple[Outputs, Tensor]:
-        """Network outputs of every batch of ``loader`` (one pass), with the labels."""
-        outputs: list[Outputs] = []
-        labels: list[Tensor] = []
-        with torch.no_grad():
-            for batch in loader:
-                x, y = batch[0], torch.as_tensor(batch[1])
-                z = prototype._extract(x if self.device is None else x.to(self.device))
-                outputs.append(z)
-                labels.append(y.to(z.device if isinstance(z, Tensor) else z[0].device))
-        if not outputs:
-            raise ValueError("the loader yielded no batches")
-        y_all = torch.cat(labels)
-        if isinstance(outputs[0], Tensor):
-            return torch.cat(outputs), y_all  # type: ignore[arg-type]
-        return [torch.cat(list(layer)) for layer in zip(*outputs, strict=True)], y_all
-
     def _prepare(self, prototype: Detector, data: Data) -> tuple[Outputs, Tensor]:
-        if _is_outputs(data):
-            outputs, labels = data  # type: ignore[misc]
-            return _to(outputs, self.device), labels if self.device is None else labels.to(self.device)
-        return self._extract(prototype, data)  # type: ignore[arg-type]
+        return prepare_outputs(prototype, data, self.device)
 
     # ------------------------------------------------------------------ scoring
-    def _scores_from_outputs(self, detector: Detector, outputs: Outputs) -> Tensor:
-        n = _rows_of(outputs)
-        with torch.no_grad():
-            parts = [
-                detector.predict_features(_slice(outputs, i, i + self.batch_size))  # type: ignore[arg-type]
-                for i in range(0, n, self.batch_size)
-            ]
-        return torch.cat(parts)
-
     def _evaluate(self, scores: Tensor, labels: Tensor) -> dict[str, float]:
         if not bool(torch.isfinite(scores).all()):
             raise ValueError("the detector gave non-finite scores")
@@ -239,7 +185,7 @@ class GridSearch:
         if cls.requires_fit and self.fit_data is None:
             raise ValueError(f"{cls.__name__} needs fitting: pass fit_data")
         in_loop = cls.input_kind == "input"
-        if in_loop and (_is_outputs(self.val_data) or (self.fit_data is not None and _is_outputs(self.fit_data))):
+        if in_loop and (is_outputs(self.val_data) or (self.fit_data is not None and is_outputs(self.fit_data))):
             raise ValueError(f"{cls.__name__} needs the network in the loop: pass loaders of (x, y)")
         fit: tuple[Outputs, Tensor] | None = None
         val: tuple[Outputs, Tensor] | None = None
@@ -265,7 +211,7 @@ class GridSearch:
                     if fit is not None:
                         detector.fit_features(*fit)
                     assert val is not None  # the detector was built, so the prototype was too
-                    metrics = self._evaluate(self._scores_from_outputs(detector, val[0]), val[1])
+                    metrics = self._evaluate(scores_from_outputs(detector, val[0], self.batch_size), val[1])
             except torch.cuda.OutOfMemoryError:
                 raise
             except CANDIDATE_ERRORS as exc:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector
-from ood_core.detector.scores import resolve_score_function, score_function_name
+from ood_core.detector.scores import resolve_score_function, score_hparams
 
 
 def check_percentile(value: float, name: str = "percentile") -> float:
@@ -90,10 +90,7 @@ class ActivationShapingDetector(Detector):
 
     def _score_hparams(self) -> dict[str, Any]:
         """``{"detector": name}``; ``ValueError`` for a custom callable (it cannot be saved)."""
-        try:
-            return {"detector": score_function_name(self.detector)}
-        except ValueError as exc:
-            raise ValueError(f"{type(self).__name__} cannot be saved: {exc}") from exc
+        return score_hparams(type(self).__name__, self.detector)
 
     def _extract(self, x: Tensor) -> Tensor:
         return self._require("backbone")(x)

@@ -14,7 +14,7 @@ from torch.nn import functional
 
 from ood_core.api import Detector, TensorSpec, known_mask, model_or_encoder, required
 from ood_core.detector.ash import check_percentile
-from ood_core.detector.scores import resolve_score_function, score_function_name
+from ood_core.detector.scores import resolve_score_function, score_hparams
 
 
 class DICE(Detector):
@@ -71,10 +71,7 @@ class DICE(Detector):
         self.detector = resolve_score_function(detector)
 
     def hparams(self) -> dict[str, Any]:
-        try:
-            return {"p": self.p, "detector": score_function_name(self.detector)}
-        except ValueError as exc:
-            raise ValueError(f"DICE cannot be saved: {exc}") from exc
+        return score_hparams("DICE", self.detector, p=self.p)
 
     @classmethod
     def from_state(cls, hparams: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, Any]) -> Self:

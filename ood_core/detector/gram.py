@@ -24,6 +24,7 @@ from ood_core.detector.gram_statistics import _HASH_ENTRIES as _HASH_ENTRIES
 from ood_core.detector.gram_statistics import GramFit as GramFit
 from ood_core.detector.gram_statistics import deviation as deviation
 from ood_core.detector.gram_statistics import gram_vectors as gram_vectors
+from ood_core.detector.layer_chain import chained_outputs
 
 
 class Gram(GramFit, Detector):
@@ -148,12 +149,7 @@ class Gram(GramFit, Detector):
     # ------------------------------------------------------------------ networks
     def _extract(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         """Outputs of every layer, each fed to the next."""
-        layers = self._require("feature_layers")
-        outputs = []
-        for layer in layers:  # type: ignore[attr-defined]
-            x = layer(x)
-            outputs.append(x)
-        return outputs
+        return chained_outputs(self._require("feature_layers"), x)  # type: ignore[arg-type]
 
     def predict(self, x: Tensor) -> Tensor:
         """Scores inputs ``x``: through the layers, ``head`` on the last output, then the deviations."""

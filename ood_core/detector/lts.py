@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ood_core.detector.ash import check_percentile, kept_count
 from ood_core.detector.head_features import HeadFeaturesDetector
-from ood_core.detector.scores import resolve_score_function, score_function_name
+from ood_core.detector.scores import resolve_score_function, score_hparams
 
 
 class LTS(HeadFeaturesDetector):
@@ -51,10 +51,7 @@ class LTS(HeadFeaturesDetector):
         self.detector = resolve_score_function(detector)
 
     def hparams(self) -> dict[str, Any]:
-        try:
-            return {"p": self.p, "detector": score_function_name(self.detector)}
-        except ValueError as exc:
-            raise ValueError(f"LTS cannot be saved: {exc}") from exc
+        return score_hparams("LTS", self.detector, p=self.p)
 
     @staticmethod
     def scaling_factor(z: Tensor, p: float) -> Tensor:

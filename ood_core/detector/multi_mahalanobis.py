@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ood_core.api import Detector, TensorSpec
+from ood_core.detector.layer_chain import chained_outputs
 from ood_core.gaussian import (
     ClassGaussianStats,
     check_precision,
@@ -99,12 +100,7 @@ class MultiMahalanobis(Detector):
 
     def _extract(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         """Outputs of every layer, each fed to the next."""
-        layers = self._require("model")
-        outputs = []
-        for layer in layers:  # type: ignore[attr-defined]
-            x = layer(x)
-            outputs.append(x)
-        return outputs
+        return chained_outputs(self._require("model"), x)  # type: ignore[arg-type]
 
     def _begin_fit(self) -> None:
         self._stats: list[ClassGaussianStats] = []

@@ -2,7 +2,8 @@
 
 ASH, ReAct, SCALE and DICE map (shaped) logits to outlier scores with a callable, in pytorch-ood by
 default ``EnergyBased.score``. A saved state cannot hold a callable, so it stores the callable's
-*name* here instead: ``score_function_name(fn)`` on saving, ``score_function(name)`` on loading.
+*name* here instead: ``score_function_name(fn)`` on saving (``score_hparams``: a detector's hyperparameters with
+it), ``score_function(name)`` on loading.
 Only the static ``score`` functions of the classes below can be saved; a custom callable works for
 scoring but :func:`ood_core.state.save_detector` then raises ``ValueError``.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -54,6 +56,15 @@ def score_function_name(fn: Callable[..., Tensor]) -> str:
         f"the score callable {fn!r} cannot be saved: only the static score functions of "
         f"{', '.join(SCORE_FUNCTION_NAMES)} can (pass e.g. detector=EnergyBased.score or detector='EnergyBased')"
     )
+
+
+def score_hparams(owner: str, fn: Callable[..., Tensor], **others: Any) -> dict[str, Any]:
+    """The saved hyperparameters of a detector with a score callable: ``others`` and ``"detector"`` (the
+    callable's registry name); ``ValueError`` saying that ``owner`` cannot be saved for a custom callable."""
+    try:
+        return {**others, "detector": score_function_name(fn)}
+    except ValueError as exc:
+        raise ValueError(f"{owner} cannot be saved: {exc}") from exc
 
 
 def resolve_score_function(detector: Callable[..., Tensor] | str | None) -> Callable[..., Tensor]:

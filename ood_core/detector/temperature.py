@@ -5,13 +5,16 @@ Guo, Pleiss, Sun, Weinberger: "On Calibration of Modern Neural Networks", ICML 2
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F  # noqa: N812
 
 from ood_core.api import Detector, InvalidStateError, TensorSpec, known_mask
+
+TEMPERATURE_RANGE = (1e-2, 1e2)
+"""The interval the fitted temperature is kept in (see :class:`TemperatureScaling`)."""
 
 
 class TemperatureScaling(Detector):
@@ -21,8 +24,15 @@ class TemperatureScaling(Detector):
         T = \arg\min_{T > 0} -\frac{1}{N} \sum_{n} \log \sigma_{y_n}(f(x_n) / T)
 
     :math:`T` minimises the negative log-likelihood of the labelled ID validation data (OOD labels < 0 are
-    ignored). It is optimised with L-BFGS (strong-Wolfe line search) over :math:`\log T`, so it stays positive,
-    in float64. The fitted temperature is the state buffer ``t`` (a scalar). Fitting and scoring work on
+    ignored) within :data:`TEMPERATURE_RANGE` = :math:`[10^{-2}, 10^{2}]`. The NLL is convex in
+    :math:`\beta = 1/T` (a log-sum-exp minus a linear term), with derivative
+    :math:`g(\beta) = \frac{1}{N} \sum_n (\mathbb E_{\sigma(\beta f(x_n))}[f(x_n)] - f_{y_n}(x_n))`
+    increasing in :math:`\beta`; :math:`T` is found by bisection of the sign of :math:`g` over :math:`\log T`,
+    in float64, so it is the exact unbounded optimum whenever that lies inside the range, and otherwise the
+    nearer bound. The bound matters on perfectly separable data (every label the arg-max): there the NLL keeps
+    falling as :math:`T \to 0` and an unbounded fit collapses :math:`T` towards 0 (or, when every label is
+    wrong, grows it without end); the fit then stops at :math:`10^{-2}` (:math:`10^{2}`). The fitted
+    temperature is the state buffer ``t`` (a scalar). Fitting and scoring work on
     ``B x C`` logits and, for segmentation, on ``B x C x H x W`` logits with ``B x H x W`` labels
     (scores ``B x H x W``).
 
@@ -74,22 +84,38 @@ class TemperatureScaling(Detector):
         self.t = self.optimal_temperature(z, y.to(z.device)).to(torch.float32)
 
     @staticmethod
-    def optimal_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> Tensor:
-        """Temperature minimising the NLL of ``labels`` under ``softmax(logits / T)`` (L-BFGS over log T)."""
+    def optimal_temperature(
+        logits: Tensor, labels: Tensor, max_iter: int = 100, bounds: tuple[float, float] = TEMPERATURE_RANGE
+    ) -> Tensor:
+        """Temperature in ``bounds`` minimising the NLL of ``labels`` under ``softmax(logits / T)``: bisection of
+        the sign of the NLL's derivative over ``log T`` (at most ``max_iter`` halvings, stopping once the
+        interval is below ``1e-12`` in ``log T``); returns a float64 scalar."""
+        lo_t, hi_t = bounds
+        if not 0.0 < lo_t <= hi_t:
+            raise ValueError(f"temperature bounds must satisfy 0 < low <= high, got {bounds}")
         logits = logits.detach().to(torch.float64)
         labels = labels.to(device=logits.device, dtype=torch.long)
-        log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+        target = logits.gather(1, labels[:, None]).mean()
 
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(logits / log_t.exp(), labels)
-            loss.backward()
-            return loss
+        def slope(log_t: float) -> float:
+            """The derivative's sign at ``T = exp(log_t)``: ``< 0`` means a lower temperature fits better."""
+            z = logits * math.exp(-log_t)
+            return float(logits.mul(z.softmax(dim=1)).sum(dim=1).mean() - target)
 
-        with torch.enable_grad():
-            optimizer.step(closure)
-        return log_t.detach().exp()
+        lo, hi = math.log(lo_t), math.log(hi_t)
+        if slope(lo) <= 0.0:  # the NLL still falls at the lowest temperature (e.g. separable data)
+            return torch.tensor(lo_t, dtype=torch.float64, device=logits.device)
+        if slope(hi) >= 0.0:  # ... or still falls at the highest (every label against the logits)
+            return torch.tensor(hi_t, dtype=torch.float64, device=logits.device)
+        for _ in range(max_iter):
+            if hi - lo < 1e-12:
+                break
+            mid = 0.5 * (lo + hi)
+            if slope(mid) < 0.0:
+                hi = mid
+            else:
+                lo = mid
+        return torch.tensor(math.exp(0.5 * (lo + hi)), dtype=torch.float64, device=logits.device)
 
     def predict_features(self, logits: Tensor) -> Tensor:
         """:param logits: ``B x C`` or ``B x C x H x W`` logits given by the model"""

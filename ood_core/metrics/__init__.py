@@ -9,7 +9,8 @@ positive class; higher scores mean more OOD.
   :class:`AUTC`, :class:`Accuracy`, each with ``update`` / ``compute`` / ``reset``.
 - Functions on all data at once (:mod:`ood_core.metrics.functional`): ``roc_curve``, ``pr_curve``, ``auroc``,
   ``aupr``, ``fpr_at_tpr``, ``autc``, ``accuracy``, and the open-set and calibration metrics
-  :func:`oscr_score`, :func:`calibration_error`, :func:`aurra`, :func:`calc_openness`.
+  :func:`oscr_score`, :func:`calc_openness` (:mod:`ood_core.metrics.open_set`), :func:`calibration_error`,
+  :func:`aurra` (:mod:`ood_core.metrics.calibration_metrics`); their input checks in :mod:`ood_core.metrics.inputs`.
 
 All curve metrics are exact (scikit-learn's values on the raw data, ties as one threshold) and streaming: they keep
 a histogram of distinct scores (:mod:`ood_core.metrics.histogram`), not the samples.

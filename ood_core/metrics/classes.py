@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ood_core.metrics import functional as F
 from ood_core.metrics.histogram import ScoreHistogram
+from ood_core.metrics.inputs import check_nan
 from ood_core.metrics.ood import fpr_key
 
 __all__ = ["AUPR", "AUROC", "AUTC", "Accuracy", "FPRAtTPR", "Metric"]
@@ -86,7 +87,7 @@ class _CurveMetric(Metric):
         :raises ValueError: on mismatched shapes or NaN scores
         """
         scores, labels = self._prepare(scores, labels)
-        F._check_nan(scores)
+        check_nan(scores)
         self._counts.add(scores, labels < 0)
         return self
 
@@ -186,7 +187,7 @@ class AUTC(Metric):
         :raises ValueError: on mismatched shapes or NaN scores
         """
         scores, labels = self._prepare(scores, labels)
-        F._check_nan(scores)
+        check_nan(scores)
         if scores.numel() == 0:
             return self
         s, ood = scores.double(), labels < 0

@@ -14,19 +14,22 @@ counts of :mod:`ood_core.metrics.histogram` in float64.
 - AUTC (Humblot-Renaux, Escalera, Moeslund, "Beyond AUROC & co. for evaluating out-of-distribution detection
   performance", CVPR-W 2023): :math:`\\frac{1}{2} \\int_0^1 \\mathrm{FPR}(\\tau) + \\mathrm{FNR}(\\tau)\\, d\\tau` on
   min-max normalized scores :math:`s'`, which equals :math:`\\frac{1}{2}(\\overline{s'}_{id} + 1 - \\overline{s'}_{ood})`.
-- OSCR (Dhamija, Günther, Boult, "Reducing Network Agnostophobia", NeurIPS 2018): area under
-  :math:`\\mathrm{CCR}(\\tau)` against :math:`\\mathrm{FPR}(\\tau)`, a sample being accepted when :math:`s \\leq \\tau`.
-- Calibration error and AURRA (Hendrycks et al., "Natural Adversarial Examples", CVPR 2021, whose code defines them).
+
+Also re-exported here (pytorch-ood's module holds them too): the open-set metrics of
+:mod:`ood_core.metrics.open_set` (``oscr_score``, ``calc_openness``) and the confidence-calibration metrics of
+:mod:`ood_core.metrics.calibration_metrics` (``calibration_error``, ``aurra``); input checks in
+:mod:`ood_core.metrics.inputs`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from ood_core.metrics.calibration_metrics import aurra, calibration_error
 from ood_core.metrics.histogram import count_by_score
+from ood_core.metrics.inputs import check_nan, flatten_pair
+from ood_core.metrics.open_set import calc_openness, oscr_score
 
 __all__ = [
     "accuracy",
@@ -43,18 +46,6 @@ __all__ = [
 ]
 
 POSITIVES = ("ood", "id")
-NORMS = ("1", "2", "infty", "infinity", "max")
-
-
-def _flatten(values: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    if values.shape != labels.shape:
-        raise ValueError(f"inputs must have the same shape, got {tuple(values.shape)} and {tuple(labels.shape)}")
-    return values.detach().reshape(-1), labels.detach().reshape(-1).to(values.device)
-
-
-def _check_nan(scores: Tensor, name: str = "scores") -> None:
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{name} contain NaN")
 
 
 def _check_positive(positive: str) -> None:
@@ -67,8 +58,8 @@ def descending_counts(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, T
 
     :raises ValueError: on mismatched shapes, NaN scores, or data without ID or without OOD samples
     """
-    scores, labels = _flatten(scores, labels)
-    _check_nan(scores)
+    scores, labels = flatten_pair(scores, labels)
+    check_nan(scores)
     values, n_id, n_ood = count_by_score(scores, labels < 0)
     return check_both(values.flip(0), n_ood.flip(0), n_id.flip(0))
 
@@ -196,7 +187,7 @@ def autc(scores: Tensor, labels: Tensor) -> Tensor:
 
     :raises ValueError: on mismatched shapes, non-finite or constant scores, or data without ID or OOD samples
     """
-    scores, labels = _flatten(scores, labels)
+    scores, labels = flatten_pair(scores, labels)
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("AUTC requires finite scores")
     s, ood = scores.double(), labels < 0
@@ -214,119 +205,9 @@ def accuracy(predictions: Tensor, labels: Tensor) -> Tensor:
 
     :raises ValueError: on mismatched shapes or without ID samples
     """
-    predictions, labels = _flatten(predictions, labels)
+    predictions, labels = flatten_pair(predictions, labels)
     known = labels >= 0
     n_known = int(known.sum())
     if n_known == 0:
         raise ValueError("accuracy requires ID samples (labels >= 0)")
     return ((predictions == labels) & known).sum().double() / n_known
-
-
-def oscr_score(outlier_scores: Tensor, predictions: Tensor, labels: Tensor) -> float:
-    """Open-Set Classification Rate: the area under the curve of
-
-    .. math::
-        \\mathrm{CCR}(\\tau) = \\frac{|\\{x \\in \\mathcal{D}_K : \\hat y(x) = y(x),\\ s(x) \\leq \\tau\\}|}{|\\mathcal{D}_K|}
-        \\quad \\text{against} \\quad
-        \\mathrm{FPR}(\\tau) = \\frac{|\\{x \\in \\mathcal{D}_U : s(x) \\leq \\tau\\}|}{|\\mathcal{D}_U|}
-
-    over all thresholds :math:`\\tau` (every distinct score), from :math:`(0, 0)` by the trapezoidal rule, with known
-    samples :math:`\\mathcal{D}_K` (labels ``>= 0``) and unknown :math:`\\mathcal{D}_U` (labels ``< 0``). Dhamija et
-    al. threshold the classifier's confidence; an outlier score is its negation. Tied known and unknown scores make
-    a diagonal segment (as in the ROC), so the OSCR equals the closed-set accuracy times the AUROC of the correctly
-    classified known samples against the unknown ones: at most the accuracy, about half of it for a random score.
-
-    :param outlier_scores: :math:`s(x)`, any shape; :param predictions: predicted classes, same shape;
-    :param labels: labels, same shape
-    :raises ValueError: on mismatched shapes, NaN scores, or data without known or without unknown samples
-    """
-    if predictions.shape != labels.shape:
-        raise ValueError(f"inputs must have the same shape, got {tuple(predictions.shape)} and {tuple(labels.shape)}")
-    scores, labels = _flatten(outlier_scores, labels)
-    predictions = predictions.detach().reshape(-1).to(scores.device)
-    _check_nan(scores)
-    known = labels >= 0
-    n_known, n_unknown = int(known.sum()), int((~known).sum())
-    if n_known == 0 or n_unknown == 0:
-        raise ValueError("oscr_score requires both known (label >= 0) and unknown (label < 0) samples")
-    values, inverse = torch.unique(scores.double(), return_inverse=True)  # ascending thresholds
-    correct = torch.bincount(inverse.masked_select(known & (predictions == labels)), minlength=values.numel())
-    accepted_unknown = torch.bincount(inverse.masked_select(~known), minlength=values.numel())
-    zero = correct.new_zeros(1)
-    ccr = torch.cat([zero, correct.cumsum(0)]).double() / n_known
-    fpr = torch.cat([zero, accepted_unknown.cumsum(0)]).double() / n_unknown
-    return float(torch.trapezoid(ccr, fpr))
-
-
-def _confidence_and_correct(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
-    confidence, correct = _flatten(confidence, correct)
-    _check_nan(confidence, "confidence")
-    if confidence.numel() == 0:
-        raise ValueError("the metric is undefined without samples")
-    return confidence.double(), correct.double()
-
-
-def calibration_error(confidence: Tensor, correct: Tensor, p: str = "2", beta: int = 100) -> float:
-    """Calibration error with adaptive bins (the definition of Hendrycks et al.'s code, as in pytorch-ood): the
-    samples, sorted by confidence, are cut into consecutive bins of ``beta`` samples (the last bin also takes the
-    remainder; fewer than ``beta`` samples make one bin). With the gap :math:`g_b = |\\overline{conf}_b -
-    \\overline{acc}_b|` of bin :math:`b` holding :math:`n_b` of the :math:`n` samples, the error is
-    :math:`\\sum_b \\frac{n_b}{n} g_b` for ``p="1"`` (the expected calibration error with equal-mass bins),
-    :math:`\\sqrt{\\sum_b \\frac{n_b}{n} g_b^2}` for ``p="2"`` and :math:`\\max_b g_b` for ``p="infty"``. Every sample is in a
-    bin (the reference code skips the last bin).
-
-    :param confidence: predicted confidence per sample, any shape
-    :param correct: 1 (or ``True``) where the prediction was right, else 0, same shape
-    :param p: ``"1"``, ``"2"`` or ``"infty"`` (also ``"infinity"``, ``"max"``)
-    :param beta: samples per bin, at least 1
-    :raises ValueError: on an invalid ``p`` or ``beta``, mismatched shapes, no samples or NaN confidences
-    """
-    if p not in NORMS:
-        raise ValueError(f"p must be '1', '2' or 'infty', got {p!r}")
-    if beta < 1:
-        raise ValueError(f"beta must be a positive number of samples, got {beta}")
-    confidence, correct = _confidence_and_correct(confidence, correct)
-    order = torch.argsort(confidence, stable=True)
-    n = confidence.numel()
-    n_bins = max(1, n // beta)
-    bins = (torch.arange(n, device=confidence.device) // beta).clamp_max(n_bins - 1)
-    sizes = torch.bincount(bins, minlength=n_bins).double()
-    sums = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device)
-    gaps = (sums.index_add_(0, bins, confidence[order] - correct[order]) / sizes).abs()
-    if p == "1":
-        return float((sizes * gaps).sum() / n)
-    if p == "2":
-        return float(((sizes * gaps.square()).sum() / n).sqrt())
-    return float(gaps.max())
-
-
-def aurra(confidence: Tensor, correct: Tensor) -> float:
-    """Area under the response-rate accuracy curve, in ``[0, 1]``, higher is better: the samples are answered in
-    order of decreasing confidence and the accuracy of the first :math:`k` answers is averaged over
-    :math:`k = 1 \\ldots n`. Samples of equal confidence are answered in random order and the expected accuracy is
-    used (the reference code takes the order ``argsort`` happens to give), so ties never depend on input order.
-
-    :param confidence: confidence per sample, any shape; :param correct: 1 (or ``True``) where right, same shape
-    :raises ValueError: on mismatched shapes, no samples or NaN confidences
-    """
-    confidence, correct = _confidence_and_correct(confidence, correct)
-    values, inverse, counts = torch.unique(-confidence, return_inverse=True, return_counts=True)  # most confident first
-    group_correct = torch.zeros(values.numel(), dtype=torch.float64, device=confidence.device)
-    group_correct.index_add_(0, inverse, correct)
-    correct_before = group_correct.cumsum(0) - group_correct
-    answered_before = counts.cumsum(0) - counts
-    group = torch.repeat_interleave(torch.arange(values.numel(), device=confidence.device), counts)
-    k = torch.arange(1, confidence.numel() + 1, dtype=torch.float64, device=confidence.device)
-    expected_correct = correct_before[group] + (k - answered_before[group]) * group_correct[group] / counts[group]
-    return float((expected_correct / k).mean())
-
-
-def calc_openness(n_train: int, n_test: int, n_target: int) -> float:
-    """Openness of an open-set problem, :math:`1 - \\sqrt{2 n_{train} / (n_{test} + n_{target})}` (Scheirer et al.,
-    "Toward Open Set Recognition", TPAMI 2013): 0 when every test class was seen in training.
-
-    :raises ValueError: if ``n_test + n_target`` is not positive
-    """
-    if n_test + n_target <= 0:
-        raise ValueError("n_test + n_target must be positive")
-    return 1.0 - math.sqrt(2 * n_train / (n_test + n_target))

@@ -1,10 +1,12 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from ood_core.api import ModelNotSetException, RequiresFitException
 from ood_core.detector import MaxSoftmax, TemperatureScaling
+from ood_core.detector.temperature import TEMPERATURE_RANGE
 
 from .common import assert_roundtrip, separable_logits
 
@@ -45,8 +47,45 @@ def test_requires_fit() -> None:
 def test_ood_scores_higher() -> None:
     id_logits, ood_logits = separable_logits()
     labels = id_logits.argmax(dim=1)
+    labels[::8] = (labels[::8] + 1) % id_logits.shape[1]  # a few mistakes, as in real validation data
     det = TemperatureScaling(None).fit_features(id_logits, labels)
+    assert TEMPERATURE_RANGE[0] < float(det.t) < TEMPERATURE_RANGE[1]
     assert det.predict_features(ood_logits).min() > det.predict_features(id_logits).max()
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """NLL of each temperature of ``t`` (1-D), float64."""
+    z = logits.double()[None] / t.double()[:, None, None]
+    return -z.log_softmax(dim=2).gather(2, labels[None, :, None].expand(len(t), -1, 1)).squeeze(2).mean(dim=1)
+
+
+def test_a_normal_case_is_the_unbounded_optimum() -> None:
+    # logits [1, 0] with labels 0, 0, 0, 1: sigma(1 / T) = 3/4 at the optimum, T = 1 / log 3 (about 0.910)
+    logits = torch.tensor([[1.0, 0.0]]).repeat(4, 1)
+    t = TemperatureScaling.optimal_temperature(logits, torch.tensor([0, 0, 0, 1]))
+    assert t.dtype == torch.float64 and abs(float(t) - 1.0 / math.log(3.0)) < 1e-9
+    # several classes: no closed form, the NLL over a fine grid of log T has its minimum next to the fit
+    g = torch.Generator().manual_seed(2)
+    logits = 4.0 * torch.randn(200, 5, generator=g)
+    labels = torch.multinomial((logits / 2.5).softmax(dim=1), 1, generator=g).squeeze(1)
+    t = TemperatureScaling.optimal_temperature(logits, labels)
+    grid = torch.linspace(math.log(0.5), math.log(10.0), 20001, dtype=torch.float64).exp()
+    best = grid[_nll(logits, labels, grid).argmin()]
+    assert abs(math.log(float(t) / float(best))) < 2e-4  # within the grid's step
+    assert float(_nll(logits, labels, t[None])[0]) <= float(_nll(logits, labels, best[None])[0]) + 1e-12
+
+
+def test_separable_data_stops_at_the_bounds() -> None:
+    """Every label the arg-max: the NLL falls as T -> 0, the fit stops at the lower bound (finite, positive);
+    every label against the logits: it stops at the upper bound."""
+    id_logits, _ = separable_logits()
+    det = TemperatureScaling(None).fit_features(id_logits, id_logits.argmax(dim=1))
+    assert float(det.t) == pytest.approx(TEMPERATURE_RANGE[0], rel=1e-6) and math.isfinite(float(det.t))
+    worst = TemperatureScaling.optimal_temperature(id_logits, id_logits.argmin(dim=1))
+    assert float(worst) == pytest.approx(TEMPERATURE_RANGE[1], rel=1e-12)
+    assert float(TemperatureScaling.optimal_temperature(id_logits, id_logits.argmax(dim=1), bounds=(0.5, 2))) == 0.5
+    with pytest.raises(ValueError, match="bounds"):
+        TemperatureScaling.optimal_temperature(id_logits, id_logits.argmax(dim=1), bounds=(0.0, 1.0))
 
 
 def test_segmentation_fit_and_scores_are_per_pixel() -> None:
@@ -79,7 +118,7 @@ def test_predict_without_model_raises() -> None:
         det.predict(torch.randn(2, 5))
 
 
-def test_roundtrip(tmp_path) -> None:
+def test_roundtrip(tmp_path: Path) -> None:
     id_logits, _ = separable_logits()
     det = TemperatureScaling(None).fit_features(id_logits, id_logits.argmax(dim=1))
     loaded = assert_roundtrip(det, torch.randn(7, 5), tmp_path)
