@@ -16,6 +16,7 @@ from service.api.deps import ApiServices
 from service.api.docs import install_docs, install_schema
 from service.api.middleware import RequestContextMiddleware
 from service.api.routes import console, detectors, drift, fit, health, jobs, models, score, segment, v2, versions
+from service.api.scoring_lane import ScoringLane
 from service.context import ServiceContext
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redactor = problems.Redactor.for_settings(settings)
     context.jobs.redact = redactor  # a job's error never names a server path
     problems.install_handlers(app, redactor)
+    # inside the request context (added first = inner): the hot scoring routes skip FastAPI's router
+    app.add_middleware(ScoringLane, fastapi_app=app, routes=[*score.router.routes, *segment.router.routes])
     app.add_middleware(
         RequestContextMiddleware,
         metrics=context.metrics,

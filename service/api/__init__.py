@@ -14,6 +14,8 @@ Module map:
 * :mod:`~service.api.schemas`: every request parameter and response shape as pydantic models (``/openapi.json``).
 * :mod:`~service.api.problems`: the ONE exception -> HTTP status table and the ``application/problem+json`` body
   (under ``/v2`` the protocol's ``{"error": ...}``).
+* :mod:`~service.api.scoring_lane`: ``POST /score`` and ``/segment`` dispatched straight to their lean handlers
+  (FastAPI's router skipped; the same answers).
 * :mod:`~service.api.middleware`: request ids, the body-size limit and deadline, request metrics and the access
   log; :mod:`~service.api.http_protocol`: the connection limit and the request-head deadline and bounds, below
   the app (a uvicorn protocol); :mod:`~service.api.uploads`: state uploads streamed to the state volume;

@@ -166,7 +166,7 @@ class Arrival:
         if self._open:
             self._open = False
             self._batcher._arriving -= 1
-            self._batcher._wakeup.set()
+            self._batcher._notify()
 
     def __enter__(self) -> Arrival:
         return self
@@ -321,7 +321,7 @@ class DynamicBatcher(Generic[T, R]):
             remaining=len(items),
         )
         self._queue.extend(_Item(request, i, now) for i in range(len(items)))
-        self._wakeup.set()
+        self._notify()
         # one timer handle per request (cheaper than asyncio.wait/wait_for, which wrap the wait in a task)
         expiry = loop.call_later(timeout, self._expire, request, timeout)
         try:
@@ -348,6 +348,13 @@ class DynamicBatcher(Generic[T, R]):
             waiting.items = [item for item in waiting.items if item.request is not request]
 
     # ------------------------------------------------------------------ batching loop
+    def _notify(self) -> None:
+        """Wake the batching loop for new or announced work, unless it could only go back to sleep: while the
+        worker computes, arrivals accumulate until it frees (which wakes the loop) or a batch is full (one task
+        wake-up less per request under load)."""
+        if self._next is None and (not self._running or len(self._queue) >= self.max_batch_size):
+            self._wakeup.set()
+
     def _wake(self) -> None:
         self._wakeup.set()
         self._batch_ready.set()

@@ -66,6 +66,10 @@ class LeanRoute(APIRoute):
     ``Response``."""
 
     def get_route_handler(self) -> Handler:
+        return self.lean_handler() or super().get_route_handler()
+
+    def lean_handler(self) -> Handler | None:
+        """The lean request handler, or ``None`` when the endpoint's signature is not one it covers."""
         dependant = self.dependant
         covered = (
             all(_lean_dependency(sub) for sub in dependant.dependencies)
@@ -74,7 +78,7 @@ class LeanRoute(APIRoute):
             and _plain(dependant)
         )
         if not covered:
-            return super().get_route_handler()
+            return None
         fields: dict[str, Any] = {f.name: (f.field_info.annotation, f.field_info) for f in dependant.query_params}
         query_model: type[BaseModel] = create_model(f"{self.name}_query", **fields)
         names = {f.name: f.alias for f in dependant.query_params}
