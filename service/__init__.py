@@ -10,7 +10,9 @@ Module map (each sub-package's ``__init__`` has its own):
 * :mod:`service.states`: detector states: the on-disk store, validation against a model, installs, replica sync,
   fitting.
 * Top level: :mod:`~service.app` (the app factory and lifespan), :mod:`~service.settings` (pydantic-settings,
-  ``OOD_`` prefix), :mod:`~service.context` (start-up and shutdown), :mod:`~service.demo` (the embedded digits
+  ``OOD_`` prefix; its parts :mod:`~service.model_config`, a served network's config, :mod:`~service.names`, the
+  model and detector name rule, and :mod:`~service.config_file`, the YAML/JSON file), :mod:`~service.context`
+  (start-up and shutdown), :mod:`~service.demo` (the embedded digits
   demo), :mod:`~service.errors` (the exceptions every layer raises), :mod:`~service.metrics` (Prometheus),
   :mod:`~service.logs` (JSON logs), ``__main__`` (the ``ood-serve`` command).
 

@@ -7,144 +7,46 @@ app is created. With no ``models`` configured the embedded digits demo is served
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.errors import InvalidNameError
+from service.config_file import ConfigFileError, read_config_file
+from service.model_config import (
+    Autocast,
+    HeadsConfig,
+    ModelConfig,
+    NodesConfig,
+    PreprocessConfig,
+    Size,
+    repeated_layer,
+)
+from service.names import NAME_MAX_LENGTH, NAME_PATTERN, NAME_REGEX, check_name, is_valid_name
 
-NAME_REGEX = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
-"""Model and detector names: letters, digits, ``_ . -``, starting with a letter or digit, never two dots in a row
-(no path traversal); 1-64 characters. Written without look-arounds, so the same pattern serves Python, pydantic
-and the JSON Schema of ``/openapi.json``."""
-NAME_PATTERN = re.compile(NAME_REGEX)
-NAME_MAX_LENGTH = 64
-
-Size = tuple[int, int]
-Autocast = bool | Literal["bfloat16", "float16"]
-"""``false``, ``true`` (the device's usual dtype) or a dtype name."""
-
-
-def is_valid_name(name: str) -> bool:
-    # fullmatch (not match): "$" alone would accept a final "\n"
-    return len(name) <= NAME_MAX_LENGTH and bool(NAME_PATTERN.fullmatch(name)) and ".." not in name
-
-
-def check_name(kind: str, name: str) -> str:
-    """Raise :class:`~service.errors.InvalidNameError` unless ``name`` is a safe path component."""
-    if not is_valid_name(name):
-        raise InvalidNameError(
-            f"invalid {kind} name {name!r}: 1-64 characters of letters, digits, '_', '.', '-', not starting with "
-            "'.' and without '..'"
-        )
-    return name
-
-
-def _size(value: Any) -> Any:
-    return (value, value) if isinstance(value, int) else value
-
-
-class PreprocessConfig(BaseModel):
-    """Image -> network input: convert to ``mode``, resize, center-crop, scale to [0, 1], ``(x - mean) / std``."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key in the config file is an error, not ignored
-
-    mode: Literal["L", "RGB"] = "RGB"
-    resize: Size | None = None
-    """Resize to (height, width) before cropping; ``None``: resize straight to the model's input size."""
-    crop: Size | None = None
-    """Center crop (height, width) after resizing; ``None``: no crop."""
-    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
-
-    _coerce = field_validator("resize", "crop", mode="before")(_size)
-
-    @model_validator(mode="after")
-    def _check(self) -> PreprocessConfig:
-        channels = 1 if self.mode == "L" else 3
-        for key in ("mean", "std"):
-            values = getattr(self, key)
-            if len(values) not in (1, channels):
-                raise ValueError(f"{key} needs 1 or {channels} values for mode {self.mode}, got {len(values)}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
-        return self
-
-
-class NodesConfig(BaseModel):
-    """Graph nodes (``torchvision.models.feature_extraction`` names) giving each network output."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    logits: str
-    features: str | None = None
-    feature_maps: str | None = None
-    layers: list[str] = Field(default_factory=list)
-    """Feature-map nodes of several layers, in order, returned by the same forward (``Gram``, ``MultiMahalanobis``;
-    ``NACUE``'s layers)."""
-
-
-class HeadsConfig(BaseModel):
-    """Submodule names chained to map features / feature maps to logits (detectors such as ReAct need them);
-    a 4-D tensor is flattened before an ``nn.Linear``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    features: list[str] = Field(default_factory=list)
-    feature_maps: list[str] = Field(default_factory=list)
-
-
-class ModelConfig(BaseModel):
-    """One served network."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    source: Literal["zoo", "torchvision"] = "torchvision"
-    architecture: str
-    """``digits-classifier`` / ``digits-segmenter`` for the zoo; a torchvision builder name otherwise."""
-    weights: Path | None = None
-    """safetensors file with the network's ``state_dict`` (zoo: default shipped weights when omitted)."""
-    task: Literal["classification", "segmentation"] = "classification"
-    num_classes: int = Field(gt=0)
-    labels: list[str] | None = None
-    input_size: Size
-    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    nodes: NodesConfig
-    heads: HeadsConfig = Field(default_factory=HeadsConfig)
-    device: str | None = None
-    autocast: Autocast | None = None
-    max_batch_size: int | None = Field(default=None, gt=0)
-    max_wait_ms: float | None = Field(default=None, ge=0)
-    channels_last: bool | None = None
-    compile: bool | None = None
-
-    _coerce = field_validator("input_size", mode="before")(_size)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not is_valid_name(value):
-            raise ValueError(f"invalid model name {value!r}: use letters, digits, '_', '.', '-'")
-        return value
-
-    @model_validator(mode="after")
-    def _labels(self) -> ModelConfig:
-        if self.labels is not None and len(self.labels) != self.num_classes:
-            raise ValueError(f"{len(self.labels)} labels given for {self.num_classes} classes")
-        return self
-
-    @property
-    def class_labels(self) -> list[str]:
-        return self.labels if self.labels is not None else [str(i) for i in range(self.num_classes)]
+__all__ = [  # the names and model configs live in their own modules; imported from here too
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
+    "NAME_REGEX",
+    "Autocast",
+    "ConfigFileError",
+    "HeadsConfig",
+    "ModelConfig",
+    "NodesConfig",
+    "PreprocessConfig",
+    "Settings",
+    "Size",
+    "check_name",
+    "default_state_dir",
+    "is_valid_name",
+    "load_settings",
+    "read_config_file",
+    "repeated_layer",
+]
 
 
 def default_state_dir() -> Path:
@@ -300,33 +202,6 @@ class Settings(BaseSettings):
     @property
     def max_fit_upload_bytes(self) -> int:
         return int(self.max_fit_upload_mb * 1024 * 1024)
-
-
-class ConfigFileError(ValueError):
-    """A config file that cannot be read or parsed; the message is one line naming the file (and the place)."""
-
-
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a ``.yaml`` / ``.yml`` / ``.json`` config file into a dict (:class:`ConfigFileError` otherwise)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigFileError(f"cannot read config file {path}: {reason}") from exc
-    try:
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigFileError(f"config file {path} is not valid JSON: {exc}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigFileError(f"config file {path} is not valid YAML{where}: {problem}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"config file {path} must hold a mapping at the top level")
-    return data
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service.api.bodies import media_type
-from service.api.multipart import boundary_of
+from service.api.uploads import parse_multipart
 from service.errors import (
     BadRequestError,
     ImageDecodeError,
@@ -201,15 +200,7 @@ async def read_fit_body(request: Request, spool: Path, max_small_bytes: int, max
 
 async def _multipart(request: Request, spooler: _Spooler, max_small_bytes: int, max_images: int) -> FitUpload:
     parts = _Parts(spooler, max_small_bytes, max_images)
-    boundary = boundary_of(request.headers.get("content-type", ""))
-    parser = MultipartParser(boundary, parts.callbacks())  # type: ignore[arg-type]
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            await spooler.flush()
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise BadRequestError(f"malformed multipart body: {exc}") from None
+    await parse_multipart(request, parts.callbacks(), spooler.flush)
     upload = parts.upload
     if spooler.total:
         if upload.images:

@@ -10,6 +10,7 @@ a slow volume never blocks the event loop. The size limit and the body deadline 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
@@ -96,6 +97,19 @@ class _FilePart:
             self.found, self.in_file = True, False
 
 
+async def parse_multipart(request: Request, callbacks: dict[str, object], flush: Callable[[], Awaitable[None]]) -> None:
+    """Feed the ``multipart/form-data`` body of ``request`` to python-multipart's streaming parser with
+    ``callbacks`` as it arrives, awaiting ``flush()`` after each chunk; 400 for a malformed body."""
+    parser = MultipartParser(boundary_of(request.headers.get("content-type", "")), callbacks)  # type: ignore[arg-type]
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            await flush()
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise BadRequestError(f"malformed multipart body: {exc}") from None
+
+
 async def stream_state(request: Request, file: BinaryIO) -> int:
     """Write the state file of ``request`` into ``file``; its size in bytes. 400 for a multipart body without a
     ``file`` part, 415 for other content types (checked before the body is read)."""
@@ -107,14 +121,7 @@ async def stream_state(request: Request, file: BinaryIO) -> int:
             await writer.flush()
     elif kind == "multipart/form-data":
         part = _FilePart(writer)
-        parser = MultipartParser(boundary_of(request.headers.get("content-type", "")), part.callbacks())  # type: ignore[arg-type]
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                await writer.flush()
-            parser.finalize()
-        except MultipartParseError as exc:
-            raise BadRequestError(f"malformed multipart body: {exc}") from None
+        await parse_multipart(request, part.callbacks(), writer.flush)
         if not part.found:
             raise BadRequestError("multipart upload needs the state in a 'file' part (with a filename)")
     else:

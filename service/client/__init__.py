@@ -13,8 +13,10 @@ Module map:
   same operations: ``models``, ``model``, ``detectors``, ``score``, ``segment``, ``drift``, ``upload_state``,
   ``download_state``, ``delete_state``, ``versions``, ``rollback``, ``start_fit``, ``fit`` (start and follow with a
   tqdm bar), ``follow``, ``jobs``, ``job``, ``cancel_job``.
-* :mod:`~service.client.core`: what both share: each operation as a request (:class:`~service.client.core.Call`),
-  the retry rule on 429 / 503 (:class:`Retry`: ``Retry-After`` honoured, bounded attempts and wait, no jitter).
+* :mod:`~service.client.core`: what both share: each operation as a request (:class:`~service.client.core.Call`)
+  with its options; the clients only send and wait.
+* :mod:`~service.client.retries`: the retry rule on 429 / 503 (:class:`Retry`: ``Retry-After`` honoured, bounded
+  attempts and wait, no jitter) and the decision after each failed send (:class:`~service.client.retries.Attempts`).
 * :mod:`~service.client.images`: images as paths, bytes, PIL images or numpy arrays -> multipart files;
   :func:`decode_map` turns a ``/segment`` map into an array.
 * :mod:`~service.client.progress`: a job's Server-Sent Events -> a progress bar.

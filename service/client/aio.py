@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import httpx
 from httpx_sse import aconnect_sse
@@ -15,8 +15,7 @@ from httpx_sse import aconnect_sse
 from service.api.job_schemas import VersionList
 from service.api.schemas import DetectorInfo, DriftResponse, ModelInfo, ScoreResponse, SegmentResponse
 from service.client import core
-from service.client.core import Call, Retry
-from service.client.errors import OODClientError, ProblemError
+from service.client.core import Call, FitOptions, Retry
 from service.client.images import Images
 from service.client.progress import JobFollower
 from service.client.sync import CONNECT_ERRORS, DEFAULT_URL, STREAM_CUTS, STREAM_READ_TIMEOUT_S, client_headers
@@ -77,23 +76,16 @@ class AsyncOODClient:
 
     async def send(self, call: Call[T]) -> T:
         """Send ``call`` (retrying 429 / 503 and refused connections) and read its answer."""
-        attempt = 0
+        attempts = core.Attempts(self.retry)
         while True:
-            attempt += 1
             try:
                 response = await self._request(call)
-            except CONNECT_ERRORS:
-                wait = self.retry.wait_s(attempt, None)
-                if wait is None:
-                    raise
-                await self._sleep(wait)
+            except CONNECT_ERRORS as error:
+                await self._sleep(attempts.after_refused(error))
                 continue
             if response.is_success:
                 return call.read(response)
-            wait = self.retry.wait_s(attempt, response)
-            if wait is None:
-                raise ProblemError.from_response(response, attempt)
-            await self._sleep(wait)
+            await self._sleep(attempts.after_answer(response))
 
     # --- models and detector states ---------------------------------------------------------------------------
 
@@ -129,32 +121,16 @@ class AsyncOODClient:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    async def score(
-        self,
-        model: str,
-        images: Images,
-        *,
-        detectors: str | list[str] | None = None,
-        threshold: float | None = None,
-        tpr: float | None = None,
-    ) -> ScoreResponse:
-        """Per image (paths, bytes, PIL images or arrays), the prediction and every selected detector's verdict."""
-        call = await asyncio.to_thread(core.score, model, images, detectors, threshold, tpr)  # file reads, PNG encoding
+    async def score(self, model: str, images: Images, **options: Unpack[core.ScoreOptions]) -> ScoreResponse:
+        """Per image (paths, bytes, PIL images or arrays), the prediction and every selected detector's verdict
+        (``options``: :class:`~service.client.core.ScoreOptions`)."""
+        call = await asyncio.to_thread(core.score, model, images, options)  # file reads, PNG encoding
         return await self.send(call)
 
-    async def segment(
-        self,
-        model: str,
-        images: Images,
-        *,
-        detectors: str | list[str] | None = None,
-        threshold: float | None = None,
-        tpr: float | None = None,
-        format: str | None = None,
-        size: str | None = None,
-    ) -> SegmentResponse:
-        """Per image and detector an anomaly map (``service.client.decode_map`` makes it an array)."""
-        call = await asyncio.to_thread(core.segment, model, images, detectors, threshold, tpr, format, size)
+    async def segment(self, model: str, images: Images, **options: Unpack[core.SegmentOptions]) -> SegmentResponse:
+        """Per image and detector an anomaly map (``service.client.decode_map`` makes it an array; ``options``:
+        :class:`~service.client.core.SegmentOptions`)."""
+        call = await asyncio.to_thread(core.segment, model, images, options)
         return await self.send(call)
 
     async def drift(self, model: str) -> DriftResponse:
@@ -169,27 +145,11 @@ class AsyncOODClient:
         archive: str | Path | None = None,
         *,
         detector_class: str,
-        source: str | None = None,
-        images: Images | None = None,
-        labels: list[int] | None = None,
-        hparams: dict[str, Any] | None = None,
-        calibration_share: float | None = None,
-        tpr: float | None = None,
-        seed: int | None = None,
-        skip_invalid: bool | None = None,
-        batch_size: int | None = None,
+        **options: Unpack[FitOptions],
     ) -> Job:
-        """Queue a fit job (202); see :func:`service.client.core.start_fit` for the data."""
-        parameters = {
-            "detector_class": detector_class,
-            "hparams": hparams,
-            "calibration_share": calibration_share,
-            "tpr": tpr,
-            "seed": seed,
-            "skip_invalid": skip_invalid,
-            "batch_size": batch_size,
-        }
-        call = await asyncio.to_thread(core.start_fit, model, name, parameters, archive, source, images, labels)
+        """Queue a fit job (202); see :func:`service.client.core.start_fit` for the data and
+        :class:`~service.client.core.FitOptions` for ``options``."""
+        call = await asyncio.to_thread(core.start_fit, model, name, archive, detector_class, options)
         return await self.send(call)
 
     async def fit(
@@ -201,7 +161,7 @@ class AsyncOODClient:
         detector_class: str,
         progress: bool = True,
         on_progress: Callable[[Job], None] | None = None,
-        **options: Any,
+        **options: Unpack[FitOptions],
     ) -> Job:
         """Start a fit job (``options``: those of :meth:`start_fit`) and follow it to its end with a progress bar;
         the final job (``state`` done, failed or cancelled; ``result`` when done)."""
@@ -220,23 +180,18 @@ class AsyncOODClient:
                     job = await self._stream(job_id, follower, timeout)
                 except STREAM_CUTS:
                     job = None
+                if job is None:  # the stream closed before the final event: has the job ended?
+                    follower.stream_ended()
+                    job = follower.settle(await self.job(job_id))
                 if job is not None:
                     return job
-                follower.stream_ended()
-                current = await self.job(job_id)
-                if current.finished or follower.give_up:
-                    follower.update(current)
-                    if not current.finished:
-                        raise OODClientError(f"the event stream of job {job_id} keeps closing; it is {current.state}")
-                    return current
         finally:
             follower.close()
 
     async def _stream(self, job_id: str, follower: JobFollower, timeout: httpx.Timeout) -> Job | None:
-        attempt = 0
+        attempts = core.Attempts(self.retry)
+        path = core.job_events_path(job_id)
         while True:
-            attempt += 1
-            path = core.job_events_path(job_id)
             async with aconnect_sse(self._http, "GET", path, headers=follower.headers(), timeout=timeout) as source:
                 response = source.response
                 if response.is_success:
@@ -246,9 +201,7 @@ class AsyncOODClient:
                             return job
                     return None
                 await response.aread()
-                wait = self.retry.wait_s(attempt, response)
-                if wait is None:
-                    raise ProblemError.from_response(response, attempt)
+                wait = attempts.after_answer(response)
             await self._sleep(wait)
 
     async def jobs(self, model: str | None = None, state: JobState | None = None) -> list[Job]:

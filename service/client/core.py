@@ -1,22 +1,16 @@
-"""What the sync and async clients share: each operation as a :class:`Call` (method, path, query, body and how to
-read the answer), the retry rule, and the reading of a fit job's event stream.
-
-Retries (:class:`Retry`): a 429 (queue full, fit-job queue full, too many failed keys) or 503 (warming up,
-shutting down) answer means the service did no work, so any request is sent again, at most ``attempts`` times in
-all. The wait is the answer's ``Retry-After`` (seconds or an HTTP date), else ``backoff_s * 2 ** n``; no jitter. A
-``Retry-After`` longer than ``max_wait_s`` is not shortened: the error is raised at once. A connection that could
-not be opened (nothing was sent) is retried the same way.
+"""What the sync and async clients share, so that they only do the I/O: each operation as a :class:`Call` (method,
+path, query, body and how to read the answer) with its options (:class:`ScoreOptions`, :class:`SegmentOptions`,
+:class:`FitOptions`); the retry rule and the decision after each failed send are :mod:`service.client.retries`'
+(:class:`Retry`, :class:`Attempts`, imported here too).
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -33,8 +27,10 @@ from service.api.schemas import (
     SegmentResponse,
 )
 from service.client.images import Images, encode_images
+from service.client.retries import Attempts, Retry, retry_after_s
 from service.jobs.records import Job
 
+__all__ = ["Attempts", "Call", "FitOptions", "Retry", "ScoreOptions", "SegmentOptions", "retry_after_s"]
 T = TypeVar("T")
 ARCHIVE_TYPES = {
     ".zip": "application/zip",
@@ -45,44 +41,6 @@ ARCHIVE_TYPES = {
 }
 """Raw fit data by file name ending -> content type (the service also reads the archive's first bytes)."""
 UPLOAD_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How 429 / 503 answers and refused connections are retried (see the module docstring)."""
-
-    attempts: int = 5
-    """Sends in all (1: never retry)."""
-    max_wait_s: float = 60.0
-    """Longest single wait; a longer ``Retry-After`` is raised at once."""
-    backoff_s: float = 0.5
-    """First wait when the answer gives no ``Retry-After``, doubled each time."""
-    statuses: tuple[int, ...] = (429, 503)
-
-    def wait_s(self, attempt: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before send number ``attempt + 1`` (``attempt`` sends done), or ``None``: give up."""
-        if attempt >= self.attempts or (response is not None and response.status_code not in self.statuses):
-            return None
-        header = response.headers.get("retry-after") if response is not None else None
-        wait = retry_after_s(header) if header else None
-        if wait is None:
-            wait = self.backoff_s * 2 ** (attempt - 1)
-            return min(wait, self.max_wait_s)
-        return wait if wait <= self.max_wait_s else None
-
-
-def retry_after_s(value: str) -> float | None:
-    """``Retry-After``: delay-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` when unreadable."""
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _read(model: type[T]) -> Callable[[httpx.Response], T]:
@@ -148,30 +106,47 @@ def list_detectors(model: str) -> Call[list[DetectorInfo]]:
     return Call("GET", f"/v1/models/{_name(model)}/detectors", lambda r: read(r).detectors)
 
 
-def _scoring_params(detectors: str | list[str] | None, threshold: float | None, tpr: float | None) -> dict[str, Any]:
+class ScoreOptions(TypedDict, total=False):
+    """What ``score`` takes besides the model and images: the detectors to run (default: the model's default one),
+    an absolute ``threshold`` or a target ``tpr`` for the verdicts."""
+
+    detectors: str | list[str] | None
+    threshold: float | None
+    tpr: float | None
+
+
+class SegmentOptions(ScoreOptions, total=False):
+    """``segment``'s options: those of ``score``, the maps' ``format`` (png, npy, json) and ``size``."""
+
+    format: str | None
+    size: str | None
+
+
+def _options(options: Mapping[str, Any], kind: type, operation: str) -> dict[str, Any]:
+    """``options`` with every key of the TypedDict ``kind`` (``None`` when not given); a key it does not have is a
+    ``TypeError``, as a misspelt keyword argument is."""
+    known: frozenset[str] = kind.__optional_keys__  # type: ignore[attr-defined]
+    if unknown := sorted(set(options) - known):
+        raise TypeError(f"{operation}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    return {key: options.get(key) for key in kind.__annotations__}
+
+
+def _scoring_params(options: Mapping[str, Any]) -> dict[str, Any]:
+    detectors = options["detectors"]
     names = ",".join(detectors) if isinstance(detectors, (list, tuple)) else detectors
-    return {"detectors": names, "threshold": _flag(threshold), "tpr": _flag(tpr)}
+    return {"detectors": names, "threshold": _flag(options["threshold"]), "tpr": _flag(options["tpr"])}
 
 
-def score(
-    model: str, images: Images, detectors: str | list[str] | None, threshold: float | None, tpr: float | None
-) -> Call[ScoreResponse]:
+def score(model: str, images: Images, options: ScoreOptions) -> Call[ScoreResponse]:
+    params = _scoring_params(_options(options, ScoreOptions, "score"))
     files = [("files", image) for image in encode_images(images)]
-    params = _scoring_params(detectors, threshold, tpr)
     return Call("POST", f"/v1/models/{_name(model)}/score", _read(ScoreResponse), params=params, files=files)
 
 
-def segment(
-    model: str,
-    images: Images,
-    detectors: str | list[str] | None,
-    threshold: float | None,
-    tpr: float | None,
-    format: str | None,
-    size: str | None,
-) -> Call[SegmentResponse]:
+def segment(model: str, images: Images, options: SegmentOptions) -> Call[SegmentResponse]:
+    given = _options(options, SegmentOptions, "segment")
     files = [("files", image) for image in encode_images(images)]
-    params = {**_scoring_params(detectors, threshold, tpr), "format": format, "size": size}
+    params = {**_scoring_params(given), "format": given["format"], "size": given["size"]}
     return Call("POST", f"/v1/models/{_name(model)}/segment", _read(SegmentResponse), params=params, files=files)
 
 
@@ -204,21 +179,33 @@ def rollback(model: str, name: str, version: int) -> Call[DetectorInfo]:
     return Call("POST", _state_path(model, name) + "/rollback", _read(DetectorInfo), json={"version": version})
 
 
-def start_fit(
-    model: str,
-    name: str,
-    parameters: Mapping[str, Any],
-    archive: str | Path | None = None,
-    source: str | None = None,
-    images: Images | None = None,
-    labels: list[int] | None = None,
-) -> Call[Job]:
-    """A fit job on exactly one of: ``archive`` (a local zip / tar / tar.gz of class folders, or a safetensors of
-    outputs, streamed as the raw body), ``source`` (a path under the server's ``OOD_FIT_DATA_ROOT``) or ``images``
-    with their ``labels`` (class index, < 0 = OOD; a small set, sent as multipart)."""
-    given = [n for n, v in (("archive", archive), ("source", source), ("images", images)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of archive, source or images (got {', '.join(given) or 'none'})")
+class FitOptions(TypedDict, total=False):
+    """What ``start_fit`` and ``fit`` take besides the model, the detector name, the ``archive`` and the class: the
+    data as ``source`` or ``images`` with ``labels`` instead of an archive, and the job's parameters (unset: the
+    service's defaults)."""
+
+    source: str | None
+    images: Images | None
+    labels: list[int] | None
+    hparams: dict[str, Any] | None
+    calibration_share: float | None
+    tpr: float | None
+    seed: int | None
+    skip_invalid: bool | None
+    batch_size: int | None
+
+
+def start_fit(model: str, name: str, archive: str | Path | None, detector_class: str, options: FitOptions) -> Call[Job]:
+    """A fit job (202) of ``detector_class`` on exactly one of: ``archive`` (a local zip / tar / tar.gz of class
+    folders, or a safetensors of outputs, streamed as the raw body), ``source`` (a path under the server's
+    ``OOD_FIT_DATA_ROOT``) or ``images`` with their ``labels`` (class index, < 0 = OOD; a small set, sent as
+    multipart)."""
+    given = _options(options, FitOptions, "start_fit")
+    source, images, labels = given.pop("source"), given.pop("images"), given.pop("labels")
+    parameters = {"detector_class": detector_class, **given}
+    data = [n for n, v in (("archive", archive), ("source", source), ("images", images)) if v is not None]
+    if len(data) != 1:
+        raise ValueError(f"give exactly one of archive, source or images (got {', '.join(data) or 'none'})")
     path = f"{_state_path(model, name)}/fit"
     params = {k: json.dumps(v) if k == "hparams" else _flag(v) for k, v in parameters.items() if v is not None}
     if archive is not None:

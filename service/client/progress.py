@@ -2,7 +2,8 @@
 one ``job`` event, the final job) read into a tqdm progress bar over the job's images.
 
 :class:`JobFollower` is the part the sync and async clients share: it takes each event, keeps the last event id
-(sent back as ``Last-Event-ID`` when the stream is reopened after a cut) and says when the job has ended.
+(sent back as ``Last-Event-ID`` when the stream is reopened after a cut), says when the job has ended and, after a
+stream closed early, whether to reopen it (:meth:`JobFollower.settle`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from httpx_sse import ServerSentEvent
 from tqdm.auto import tqdm
 
+from service.client.errors import OODClientError
 from service.jobs.records import Job
 
 MAX_QUIET_RECONNECTS = 5
@@ -72,6 +74,17 @@ class JobFollower:
     @property
     def give_up(self) -> bool:
         return self.quiet_reconnects >= MAX_QUIET_RECONNECTS
+
+    def settle(self, current: Job) -> Job | None:
+        """After a stream that closed before the final event, ``current`` (the job read then) if it has ended;
+        ``None``: reopen the stream. Raises :class:`OODClientError` when the streams keep closing on a job that has
+        not ended."""
+        if not (current.finished or self.give_up):
+            return None
+        self.update(current)
+        if not current.finished:
+            raise OODClientError(f"the event stream of job {self.job_id} keeps closing; it is {current.state}")
+        return current
 
     def close(self) -> None:
         if self._bar is not None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import httpx
 from httpx_sse import connect_sse
@@ -16,8 +16,7 @@ from httpx_sse import connect_sse
 from service.api.job_schemas import VersionList
 from service.api.schemas import DetectorInfo, DriftResponse, ModelInfo, ScoreResponse, SegmentResponse
 from service.client import core
-from service.client.core import Call, Retry
-from service.client.errors import OODClientError, ProblemError
+from service.client.core import Call, FitOptions, Retry
 from service.client.images import Images
 from service.client.progress import JobFollower
 from service.jobs.records import Job, JobState
@@ -81,23 +80,16 @@ class OODClient:
 
     def send(self, call: Call[T]) -> T:
         """Send ``call`` (retrying 429 / 503 and refused connections) and read its answer."""
-        attempt = 0
+        attempts = core.Attempts(self.retry)
         while True:
-            attempt += 1
             try:
                 response = self._request(call)
-            except CONNECT_ERRORS:
-                wait = self.retry.wait_s(attempt, None)
-                if wait is None:
-                    raise
-                self._sleep(wait)
+            except CONNECT_ERRORS as error:
+                self._sleep(attempts.after_refused(error))
                 continue
             if response.is_success:
                 return call.read(response)
-            wait = self.retry.wait_s(attempt, response)
-            if wait is None:
-                raise ProblemError.from_response(response, attempt)
-            self._sleep(wait)
+            self._sleep(attempts.after_answer(response))
 
     # --- models and detector states ---------------------------------------------------------------------------
 
@@ -133,31 +125,15 @@ class OODClient:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    def score(
-        self,
-        model: str,
-        images: Images,
-        *,
-        detectors: str | list[str] | None = None,
-        threshold: float | None = None,
-        tpr: float | None = None,
-    ) -> ScoreResponse:
-        """Per image (paths, bytes, PIL images or arrays), the prediction and every selected detector's verdict."""
-        return self.send(core.score(model, images, detectors, threshold, tpr))
+    def score(self, model: str, images: Images, **options: Unpack[core.ScoreOptions]) -> ScoreResponse:
+        """Per image (paths, bytes, PIL images or arrays), the prediction and every selected detector's verdict
+        (``options``: :class:`~service.client.core.ScoreOptions`)."""
+        return self.send(core.score(model, images, options))
 
-    def segment(
-        self,
-        model: str,
-        images: Images,
-        *,
-        detectors: str | list[str] | None = None,
-        threshold: float | None = None,
-        tpr: float | None = None,
-        format: str | None = None,
-        size: str | None = None,
-    ) -> SegmentResponse:
-        """Per image and detector an anomaly map (``service.client.decode_map`` makes it an array)."""
-        return self.send(core.segment(model, images, detectors, threshold, tpr, format, size))
+    def segment(self, model: str, images: Images, **options: Unpack[core.SegmentOptions]) -> SegmentResponse:
+        """Per image and detector an anomaly map (``service.client.decode_map`` makes it an array; ``options``:
+        :class:`~service.client.core.SegmentOptions`)."""
+        return self.send(core.segment(model, images, options))
 
     def drift(self, model: str) -> DriftResponse:
         return self.send(core.drift(model))
@@ -171,27 +147,11 @@ class OODClient:
         archive: str | Path | None = None,
         *,
         detector_class: str,
-        source: str | None = None,
-        images: Images | None = None,
-        labels: list[int] | None = None,
-        hparams: dict[str, Any] | None = None,
-        calibration_share: float | None = None,
-        tpr: float | None = None,
-        seed: int | None = None,
-        skip_invalid: bool | None = None,
-        batch_size: int | None = None,
+        **options: Unpack[FitOptions],
     ) -> Job:
-        """Queue a fit job (202); see :func:`service.client.core.start_fit` for the data."""
-        parameters = {
-            "detector_class": detector_class,
-            "hparams": hparams,
-            "calibration_share": calibration_share,
-            "tpr": tpr,
-            "seed": seed,
-            "skip_invalid": skip_invalid,
-            "batch_size": batch_size,
-        }
-        return self.send(core.start_fit(model, name, parameters, archive, source, images, labels))
+        """Queue a fit job (202); see :func:`service.client.core.start_fit` for the data and
+        :class:`~service.client.core.FitOptions` for ``options``."""
+        return self.send(core.start_fit(model, name, archive, detector_class, options))
 
     def fit(
         self,
@@ -202,7 +162,7 @@ class OODClient:
         detector_class: str,
         progress: bool = True,
         on_progress: Callable[[Job], None] | None = None,
-        **options: Any,
+        **options: Unpack[FitOptions],
     ) -> Job:
         """Start a fit job (``options``: those of :meth:`start_fit`) and follow it to its end with a progress bar;
         the final job (``state`` done, failed or cancelled; ``result`` when done)."""
@@ -219,23 +179,18 @@ class OODClient:
                     job = self._stream(job_id, follower, timeout)
                 except STREAM_CUTS:
                     job = None
+                if job is None:  # the stream closed before the final event: has the job ended?
+                    follower.stream_ended()
+                    job = follower.settle(self.job(job_id))
                 if job is not None:
                     return job
-                follower.stream_ended()
-                current = self.job(job_id)
-                if current.finished or follower.give_up:
-                    follower.update(current)
-                    if not current.finished:
-                        raise OODClientError(f"the event stream of job {job_id} keeps closing; it is {current.state}")
-                    return current
         finally:
             follower.close()
 
     def _stream(self, job_id: str, follower: JobFollower, timeout: httpx.Timeout) -> Job | None:
-        attempt = 0
+        attempts = core.Attempts(self.retry)
+        path = core.job_events_path(job_id)
         while True:
-            attempt += 1
-            path = core.job_events_path(job_id)
             with connect_sse(self._http, "GET", path, headers=follower.headers(), timeout=timeout) as source:
                 response = source.response
                 if response.is_success:
@@ -245,9 +200,7 @@ class OODClient:
                             return job
                     return None
                 response.read()
-                wait = self.retry.wait_s(attempt, response)
-                if wait is None:
-                    raise ProblemError.from_response(response, attempt)
+                wait = attempts.after_answer(response)
             self._sleep(wait)
 
     def jobs(self, model: str | None = None, state: JobState | None = None) -> list[Job]:

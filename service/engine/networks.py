@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from service.settings import ModelConfig
+from service.settings import ModelConfig, repeated_layer
 
 
 class NetworkConfigError(ValueError):
@@ -124,7 +124,12 @@ def graph_module(extractor: nn.Module) -> nn.Module:
 
 
 def build_extractor(network: nn.Module, config: ModelConfig) -> nn.Module:
-    """Graph module returning ``{"logits", "features"?, "feature_maps"?, "layers.<i>"...}`` in one forward."""
+    """Graph module returning ``{"logits", "features"?, "feature_maps"?, "layers.<i>"...}`` in one forward.
+
+    A node may give several of the outputs (``feature_maps`` and one of ``layers``), but ``layers`` names each node
+    at most once (checked by the config too; again here for configs built without validation)."""
+    if (problem := repeated_layer(config.nodes.layers)) is not None:
+        raise NetworkConfigError(f"model {config.name!r}: nodes.layers: {problem}")
     nodes = {"logits": config.nodes.logits}
     if config.nodes.features:
         nodes["features"] = config.nodes.features

@@ -17,8 +17,9 @@ Module map:
   ``.tar(.gz)``, WebDataset shards, ``.safetensors`` of precomputed outputs), the member checks
   (:class:`~service.fit.sources.SourceLimits`, :class:`~service.fit.sources.DataSourceError`), rank shares and
   the worker-process loader.
-- :mod:`~service.fit.runner`: :func:`~service.fit.runner.run_fit`, :class:`~service.fit.runner.FitOptions`,
-  :class:`~service.fit.runner.FitResult` (what ``ood-fit`` and the server's fit jobs call).
+- :mod:`~service.fit.runner`: :func:`~service.fit.runner.run_fit`, :class:`~service.fit.runner.FitOptions` (built
+  from a job's or ``ood-fit``'s parameters by ``FitOptions.from_parameters``), :class:`~service.fit.runner.FitResult`
+  (what ``ood-fit`` and the server's fit jobs call).
 - :mod:`~service.fit.grid`: a grid in ``hparams`` (``{"grid": {"k": [1, 5]}}``): every candidate fitted on one
   stream, the best by AUROC on ``ood/`` kept, every candidate reported (:class:`ood_core.search.GridSearch`'s rows).
 - :mod:`~service.fit.training`: the fit passes (stream, checkpoint, merge, finish, resume).

@@ -49,7 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ood-fit", description="Fit an OOD detector offline (also under torchrun)")
     p.add_argument("--config", help="the ood-serve YAML/JSON config (default: $OOD_CONFIG, else the demo models)")
     p.add_argument("--model", help="model name from the config (default: the first one; demo: digits)")
-    p.add_argument("--detector", required=True, help="detector class, e.g. Mahalanobis, KNN, ViM")
+    p.add_argument(
+        "--detector",
+        dest="detector_class",
+        metavar="DETECTOR",
+        required=True,
+        help="detector class, e.g. Mahalanobis, KNN, ViM",
+    )
     p.add_argument(
         "--hparams",
         type=_hparams,
@@ -113,22 +119,16 @@ def _fit(args: argparse.Namespace, ranks: dist.Ranks, device: str | None) -> Non
     limits = SourceLimits(max_pixels=settings.max_pixels)
     source = open_source(data, model.labels, limits=limits, skip_invalid=args.skip_invalid)
     checkpoint = args.checkpoint or args.out.with_name(args.out.name + ".checkpoint")
-    options = FitOptions(
-        detector_class=args.detector,
-        hparams=args.hparams,
-        calibration_share=args.calibration_share,
-        tpr=args.tpr,
-        seed=args.seed,
-        batch_size=args.batch_size,
+    options = FitOptions.from_parameters(
+        args,
         workers=args.workers,
-        skip_invalid=args.skip_invalid,
         checkpoint_every=args.checkpoint_every,
         checkpoint_path=checkpoint if args.checkpoint_every or args.resume else None,
         resume=args.resume,
     )
     with ProgressBar(enabled=ranks.is_main and not args.no_progress) as bar:
         result = run_fit(model, source, options, progress=bar.update)
-    report = report_json(result, args.detector, model.name)
+    report = report_json(result, args.detector_class, model.name)
 
     def write() -> None:
         if not ranks.is_main:
@@ -144,7 +144,7 @@ def _fit(args: argparse.Namespace, ranks: dist.Ranks, device: str | None) -> Non
 
     dist.staged(ranks, "writing the state", write)
     if ranks.is_main:
-        print(summary(result, args.detector, model.name, args.out))
+        print(summary(result, args.detector_class, model.name, args.out))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,9 +45,8 @@ from service.engine.served_model import ServedModel
 from service.errors import BadRequestError
 from service.fit import dist
 from service.fit.detectors import new_detector
-from service.fit.runner import FitOptions, FitResult, PreparedFit, count_images, finish_fit, prepare
+from service.fit.runner import FitHooks, FitOptions, FitResult, PreparedFit, finish_fit, prepare
 from service.fit.sources import DataSourceError, FitSource
-from service.fit.stream import FitProgress, Forward
 from service.states.validate import check_servable
 
 __all__ = ["GRID_KEY", "MAX_CANDIDATES", "FitGridSearch", "check_grid", "is_grid", "run_grid", "split_grid"]
@@ -186,10 +185,7 @@ def run_grid(
     model: ServedModel,
     source: FitSource,
     options: FitOptions,
-    *,
-    progress: Callable[[FitProgress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    forward: Forward | None = None,
+    hooks: FitHooks,
 ) -> FitResult:
     """:func:`~service.fit.runner.run_fit` for grid ``options.hparams`` (module docstring): the best candidate's
     state and metrics, with ``hparams`` (its constructor arguments) and ``search`` (the report of every one)."""
@@ -204,7 +200,7 @@ def run_grid(
         candidate.detector = candidate.call(search.build, candidate.params)
     built = [c.detector for c in candidates if c.detector is not None]
     passes = max(d.fit_passes for d in built)
-    run = prepare(model, source, options, kind, passes, progress, should_stop, forward)
+    run = prepare(model, source, options, kind, passes, hooks)
     if dist.total(run.ranks, int((run.index.labels < 0).sum())) == 0:
         raise DataSourceError(
             "a grid search ranks its candidates by AUROC on held-out ID vs OOD images: the data has no ood/ "
@@ -225,9 +221,8 @@ def run_grid(
     if best is None or best.detector is None:
         reasons = "; ".join(f"{row['params']}: {row['error']}" for row in search.results_)
         raise BadRequestError(f"no candidate of hparams.grid could be fitted and evaluated: {reasons}")
-    result = finish_fit(best.detector, torch.cat(best.scores), labels, options, model.task)
+    result = finish_fit(best.detector, torch.cat(best.scores), labels, options, model.task, run, fitted=passes > 0)
     result.hparams, result.search = search.hparams_of(best.params), search.report()
-    count_images(result, run, fitted=passes > 0)
     return result
 
 

@@ -48,7 +48,7 @@ from service.fit.stream import FitCancelled, FitProgress, Forward, Streamer
 from service.fit.training import calibration_warning, check_options, fit_passes
 from service.states.validate import external_modules
 
-__all__ = ["FitCancelled", "FitOptions", "FitProgress", "FitResult", "run_fit"]
+__all__ = ["FitCancelled", "FitHooks", "FitOptions", "FitProgress", "FitResult", "run_fit"]
 
 
 @dataclass
@@ -66,6 +66,27 @@ class FitOptions:
     checkpoint_every: int | None = None
     checkpoint_path: Path | None = None
     resume: bool = False
+
+    @classmethod
+    def from_parameters(cls, parameters: Any, **others: Any) -> FitOptions:
+        """The options named as a fit job's parameters (:data:`JOB_PARAMETERS`), read from the attributes of
+        ``parameters`` (a job's ``FitParameters``, ``ood-fit``'s arguments), and ``others``; ``hparams`` copied."""
+        values = {name: getattr(parameters, name) for name in JOB_PARAMETERS}
+        return cls(**values | {"hparams": dict(values["hparams"])} | others)
+
+
+JOB_PARAMETERS = ("detector_class", "hparams", "calibration_share", "tpr", "seed", "batch_size", "skip_invalid")
+"""The options a fit job sets (``POST .../fit``); ``ood-fit`` sets these and the workers and checkpoints."""
+
+
+@dataclass(frozen=True)
+class FitHooks:
+    """What the caller hooks into a fit: ``progress`` called after every batch, ``should_stop`` polled between
+    batches (raises :class:`FitCancelled`), the ``forward`` (``None``: the model's own)."""
+
+    progress: Callable[[FitProgress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    forward: Forward | None = None
 
 
 @dataclass
@@ -120,15 +141,16 @@ def run_fit(
     check_options(options)
     from service.fit import grid  # grid imports this module
 
+    hooks = FitHooks(progress, should_stop, forward)
     if grid.is_grid(options.hparams):
-        return grid.run_grid(model, source, options, progress=progress, should_stop=should_stop, forward=forward)
+        return grid.run_grid(model, source, options, hooks)
     detector, kind = new_detector(model, options.detector_class, options.hparams)
     detector.to(model.device)
     if detector.requires_fit and model.task == "segmentation":
         raise BadRequestError(
             f"{options.detector_class} needs fitting on labelled images: not supported for this model"
         )
-    run = prepare(model, source, options, kind, detector.fit_passes, progress, should_stop, forward)
+    run = prepare(model, source, options, kind, detector.fit_passes, hooks)
     ranks, index, stream = run.ranks, run.index, run.stream
     fit_id = fingerprint(
         {
@@ -152,8 +174,9 @@ def run_fit(
     )
     scores, labels = dist.staged(ranks, "calibrating", lambda: _score(detector, stream, run.eval_ordinals))
     scores, labels = dist.gather(ranks, scores), dist.gather(ranks, labels)
-    result = finish_fit(detector, scores, labels, options, model.task)
-    count_images(result, run, fitted=detector.fit_passes > 0, resumed=resumed)
+    result = finish_fit(
+        detector, scores, labels, options, model.task, run, fitted=detector.fit_passes > 0, resumed=resumed
+    )
     checkpoints.remove()
     return result
 
@@ -176,12 +199,11 @@ def prepare(
     options: FitOptions,
     kind: str,
     passes: int,
-    progress: Callable[[FitProgress], None] | None,
-    should_stop: Callable[[], bool] | None,
-    forward: Forward | None,
+    hooks: FitHooks,
 ) -> PreparedFit:
     """Scan ``source`` (every rank its share), hold out the calibration share and set up the streamer of the
-    ``kind`` outputs; ``passes`` over the fit images (0: none) set the progress total."""
+    ``kind`` outputs with ``hooks``; ``passes`` over the fit images (0: none) set the progress total."""
+    progress = hooks.progress
     ranks = dist.current()
     source.use_output(kind, model.dims[kind])
     if progress is not None:
@@ -196,9 +218,9 @@ def prepare(
         batch_size=options.batch_size,
         workers=options.workers,
         skip_invalid=options.skip_invalid or source.skip_invalid,
-        forward=forward or model.forward,
+        forward=hooks.forward or model.forward,
         progress=progress,
-        should_stop=should_stop,
+        should_stop=hooks.should_stop,
     )
     held_out = calibration_mask(
         key_hashes(index.keys, options.seed), index.labels, options.calibration_share, lambda t: dist.gather(ranks, t)
@@ -240,9 +262,20 @@ def _score(detector: Any, stream: Streamer, ordinals: Tensor) -> tuple[Tensor, T
     return torch.cat([s.reshape(-1, width) for s in scores]), torch.cat(labels)
 
 
-def finish_fit(detector: Any, scores: Tensor, labels: Tensor, options: FitOptions, task: str) -> FitResult:
+def finish_fit(
+    detector: Any,
+    scores: Tensor,
+    labels: Tensor,
+    options: FitOptions,
+    task: str,
+    run: PreparedFit,
+    *,
+    fitted: bool,
+    resumed: int = 0,
+) -> FitResult:
     """The saved state of fitted ``detector`` with its calibration on the held-out ID ``scores`` and, with OOD
-    ``labels`` (classification), :class:`~ood_core.metrics.OODMetrics` on held-out ID vs OOD."""
+    ``labels`` (classification), :class:`~ood_core.metrics.OODMetrics` on held-out ID vs OOD; the image counts of
+    ``run`` (:func:`count_images`)."""
     held_out = scores[labels >= 0]
     if held_out.numel() == 0:
         raise BadRequestError("no held-out ID image could be scored: nothing to calibrate on")
@@ -250,7 +283,7 @@ def finish_fit(detector: Any, scores: Tensor, labels: Tensor, options: FitOption
     metrics = None
     if task == "classification" and bool((labels < 0).any()):
         metrics = OODMetrics().update(scores[:, 0].double(), labels).compute()
-    return FitResult(
+    result = FitResult(
         state=save_detector(detector, calibration=calibration),
         images=0,
         skipped=0,
@@ -261,3 +294,5 @@ def finish_fit(detector: Any, scores: Tensor, labels: Tensor, options: FitOption
         warnings=calibration_warning(calibration.n, options.tpr),
         hparams=dict(options.hparams),
     )
+    count_images(result, run, fitted=fitted, resumed=resumed)
+    return result

@@ -141,16 +141,7 @@ class JobRunner:
         record = live.record
         model = self.catalog.get(record.model)
         source = open_job_source(record, model, self.settings, self.journal)
-        params = record.parameters
-        options = FitOptions(
-            detector_class=params.detector_class,
-            hparams=dict(params.hparams),
-            calibration_share=params.calibration_share,
-            tpr=params.tpr,
-            seed=params.seed,
-            batch_size=params.batch_size,
-            skip_invalid=params.skip_invalid,
-        )
+        options = FitOptions.from_parameters(record.parameters)
         forward = ScoringFirstForward(model, lambda: self._should_stop(live))
         return run_fit(
             model,

@@ -4,7 +4,9 @@ Module map:
 
 * :mod:`~service.states.store`: :class:`StateStore`, versioned atomic files ``<state_dir>/<model>/<detector>/``
   with a cross-process lock per detector, streamed uploads under ``<state_dir>/.uploads/``, 507 on a full volume;
-  :mod:`~service.states.cleanup` removes what interrupted writes left (at start and after each write).
+  :mod:`~service.states.commit` makes a write the next version (hash, rename, ``active.json``, old versions
+  removed), :mod:`~service.states.locking` holds a detector's ``flock``; :mod:`~service.states.cleanup` removes
+  what interrupted writes left (at start and after each write).
 * :mod:`~service.states.validate`: load a safetensors state for a served model and check it (class, input kind,
   dimensions, a smoke test on the warm-up outputs) before it can replace the active one.
 * :mod:`~service.states.versions`: the last ``OOD_STATE_KEEP`` versions of a detector and where each came from

@@ -25,24 +25,18 @@ otherwise locks again. An upload holds an exclusive ``flock`` on its own file un
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
-import logging
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ood_core.state import write_atomic
 from service.engine.active import StoredState
-from service.errors import DetectorNotFoundError, InsufficientStorageError
+from service.errors import DetectorNotFoundError
 from service.settings import check_name, is_valid_name
 from service.states.cleanup import (
     ACTIVE,
@@ -51,15 +45,22 @@ from service.states.cleanup import (
     CleanupReport,
     HeldLock,
     Upload,
-    active_version,
-    clean_detector_folder,
     clean_root,
     clean_trash,
     close_upload,
     open_upload,
-    same_file,
     versions,
 )
+from service.states.commit import (
+    NO_SPACE,
+    STORED_FIELDS,
+    commit_version,
+    fsync_dir,
+    no_space,
+    sha256_hex,
+    sync_and_hash,
+)
+from service.states.locking import detector_lock
 from service.states.versions import (
     DEFAULT_KEEP,
     UPLOAD,
@@ -69,7 +70,6 @@ from service.states.versions import (
     from_file,
     history_of,
     kept_below,
-    utc_now,
 )
 
 __all__ = [
@@ -84,32 +84,6 @@ __all__ = [
     "fsync_dir",
     "sha256_hex",
 ]
-_STORED_FIELDS = ("version", "sha256", "size_bytes", "detector_class", "uploaded_at")
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-_CHUNK = 1 << 20
-logger = logging.getLogger("service.states")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (renames, removals) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _no_space(what: str) -> InsufficientStorageError:
-    return InsufficientStorageError(f"not enough storage for {what}: the state volume is full")
 
 
 class StateStore:
@@ -147,7 +121,7 @@ class StateStore:
 
     def info(self, model: str, name: str) -> StoredState:
         meta = self._meta(model, name)
-        return StoredState(model=model, name=name, **{key: meta[key] for key in _STORED_FIELDS})
+        return StoredState(model=model, name=name, **{key: meta[key] for key in STORED_FIELDS})
 
     def versions(self, model: str, name: str) -> list[StoredVersion]:
         """The kept versions, newest first (the active one is the highest). Takes no lock: a file removed
@@ -198,49 +172,9 @@ class StateStore:
 
     @contextmanager
     def _locked(self, model: str, name: str) -> Iterator[HeldLock]:
-        """Exclusive over this process and every other one writing the same detector under ``root``.
-
-        A holder may remove the lock file (``held.drop``: a delete, a failed first write, a cleanup); a waiter that
-        then gets the lock of the removed file sees that the path names another file (or none) and locks again. A
-        model folder created here is removed again when the lock file is dropped, if it is empty."""
-        base = self.root / check_name("model", model)
-        held = HeldLock(base / f".{check_name('detector', name)}.lock")
-        with self._lock:
-            created = False
-            while True:
-                try:
-                    base.mkdir(parents=True)
-                    created = True
-                except FileExistsError:
-                    pass
-                try:
-                    handle = open(held.lock_file, "a+b")  # noqa: SIM115 (closed below or when released)
-                except FileNotFoundError:
-                    continue  # the model folder was just removed (a failed first write): create it again
-                except BaseException:
-                    if created:
-                        with suppress(OSError):
-                            base.rmdir()
-                    raise
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                    if same_file(handle.fileno(), held.lock_file):
-                        break
-                except BaseException:
-                    handle.close()
-                    raise
-                handle.close()  # we locked a removed lock file: lock the one there now
-            try:
-                yield held
-            finally:
-                try:
-                    if held.drop:
-                        held.lock_file.unlink(missing_ok=True)
-                finally:
-                    handle.close()  # releases the flock
-                if held.drop and created:
-                    with suppress(OSError):
-                        base.rmdir()
+        """The detector's write lock (:func:`service.states.locking.detector_lock`)."""
+        with detector_lock(self.root, model, name, self._lock) as held:
+            yield held
 
     @contextmanager
     def upload(self) -> Iterator[Upload]:
@@ -250,15 +184,15 @@ class StateStore:
             (self.root / UPLOADS).mkdir(parents=True, exist_ok=True)
             upload = open_upload(self.root / UPLOADS)
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _no_space("the upload") from exc
+            if exc.errno in NO_SPACE:
+                raise no_space("the upload") from exc
             raise
         self._live[upload.path] = upload
         try:
             yield upload
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _no_space("the upload") from exc
+            if exc.errno in NO_SPACE:
+                raise no_space("the upload") from exc
             raise
         finally:
             self._live.pop(upload.path, None)
@@ -286,101 +220,13 @@ class StateStore:
         if path.parent.resolve() != (self.root / UPLOADS).resolve():
             raise ValueError("put_file takes the path of an upload from StateStore.upload()")
         try:
-            digest, size = self._sync_and_hash(path)
+            digest, size = sync_and_hash(path, list(self._live.values()))
             with self._locked(model, name) as held:
-                return self._commit(held, folder, path, (digest, size, detector_class), origin)
+                return commit_version(self.root, self.keep, held, folder, path, (digest, size, detector_class), origin)
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise _no_space(f"detector {name!r} of model {model!r}") from exc
+            if exc.errno in NO_SPACE:
+                raise no_space(f"detector {name!r} of model {model!r}") from exc
             raise
-
-    def _sync_and_hash(self, path: Path) -> tuple[str, int]:
-        with open(path, "rb") as handle:
-            # the upload by file, not by name: a relative or differently spelled path must not skip its flush
-            live = next((u for u in list(self._live.values()) if same_file(u.lock_fd, path)), None)
-            if live is not None:
-                if not live.file.closed:
-                    live.file.flush()
-                    live.file.close()  # a later write fails instead of reaching the committed version
-                os.fsync(live.lock_fd)  # the descriptor the data was written through: it sees writeback errors
-            else:
-                os.fsync(handle.fileno())
-            digest, size = hashlib.sha256(), 0
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-        return digest.hexdigest(), size
-
-    def _identical(self, folder: Path, digest: str) -> StoredState | None:
-        """The active state if its bytes are ``digest`` (and its file is there), else ``None`` (lock held)."""
-        try:
-            meta = json.loads((folder / ACTIVE).read_text(encoding="utf-8"))
-            if meta.get("sha256") != digest or not (folder / f"v{int(meta['version'])}.safetensors").is_file():
-                return None
-            return StoredState(model=folder.parent.name, name=folder.name, **{k: meta[k] for k in _STORED_FIELDS})
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def _commit(
-        self, held: HeldLock, folder: Path, path: Path, file: tuple[str, int, str], origin: VersionOrigin
-    ) -> StoredState:
-        """Rename ``path`` (``file``: its sha256, size and detector class) into place as the next version, then
-        commit it by ``active.json`` with the kept versions' history (lock held)."""
-        digest, size, cls = file
-        created = not folder.is_dir()
-        target: Path | None = None
-        if not created and (same := self._identical(folder, digest)) is not None:
-            return same
-        try:
-            if created:
-                folder.mkdir()
-                fsync_dir(folder.parent)
-                fsync_dir(self.root)
-            previous = active_version(folder)
-            try:
-                old_history = history_of(json.loads((folder / ACTIVE).read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError, AttributeError):
-                old_history = {}
-            if previous is not None or not (folder / ACTIVE).exists():
-                for old in versions(folder):  # renamed into place by writes that never committed
-                    if previous is None or old > previous:
-                        (folder / f"v{old}.safetensors").unlink()
-            target = folder / f"v{max(versions(folder), default=0) + 1}.safetensors"
-            os.replace(path, target)
-            fsync_dir(folder)  # the version's name is on disk before active.json names it
-            info = StoredState(
-                model=folder.parent.name,
-                name=folder.name,
-                version=int(target.stem[1:]),
-                sha256=digest,
-                size_bytes=size,
-                detector_class=cls,
-                uploaded_at=utc_now(),
-            )
-            entry = StoredVersion(info.version, digest, size, cls, info.uploaded_at, **asdict(origin))
-            earlier = kept_below(versions(folder), info.version, self.keep)
-            history = [old_history[v].to_json() for v in earlier if v in old_history] + [entry.to_json()]
-            meta: dict[str, Any] = {k: v for k, v in asdict(info).items() if k not in ("model", "name")}
-            meta["history"] = history
-            write_atomic(folder / ACTIVE, json.dumps(meta, indent=1).encode())
-        except BaseException:
-            if target is not None:
-                target.unlink(missing_ok=True)
-            if created:
-                shutil.rmtree(folder, ignore_errors=True)
-                held.drop = True
-            raise
-        try:  # committed: the rest only tidies up, so a failure is logged, not raised
-            for old in versions(folder):
-                if old != info.version and old not in earlier:
-                    (folder / f"v{old}.safetensors").unlink(missing_ok=True)
-            fsync_dir(folder)
-            report = CleanupReport()
-            clean_detector_folder(self.root, folder, report, self.keep)
-            report.log()
-        except OSError:
-            logger.warning("cannot remove old versions", extra={"folder": str(folder)}, exc_info=True)
-        return info
 
     def delete(self, model: str, name: str) -> None:
         """Remove the detector with all its versions (renamed away first, so the removal is atomic) and its lock
