@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -602,6 +603,12 @@ def start_servers(
     return servers
 
 
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:
     state_dir = workdir / f"states-{scenario}"
     size = SCENARIOS[scenario]
@@ -635,6 +642,13 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
         height, width = model.config.input_size
         image = noise_png((height, width), model.preprocessor.channels)
         score_batch = inprocess.batch_scorer(image, args.detectors, args.inprocess_predecoded)
+        if "inprocess" in args.modes and inprocess.model.device.type == "cpu":  # the service's own thread choice
+            from service.engine.threads import pick_threads
+
+            choice = inprocess.worker.submit(
+                pick_threads, partial(score_batch, args.max_batch_size), torch_threads()
+            ).result()
+            print(f"# in-process worker threads: {choice.threads} (full batch ms: {choice.seconds})", flush=True)
         modes = [*servers, *(["inprocess"] if "inprocess" in args.modes else [])]
         cells = []
         for concurrency in args.concurrency:

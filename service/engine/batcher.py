@@ -57,6 +57,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+R2 = TypeVar("R2")
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,12 @@ class DynamicBatcher(Generic[T, R]):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._executor = self._preparer = None
+
+    async def run_in_worker(self, fn: Callable[[], R2]) -> R2:
+        """Run ``fn`` in the worker thread, after the batch it computes (e.g. per-thread settings at start-up)."""
+        if self._executor is None:
+            raise BatcherClosedError()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _fail_waiting(self, error: BaseException) -> None:
         while self._queue:
