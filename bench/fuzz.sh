@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Schemathesis fuzzing of the service at a large example count, with the schemathesis CLI (`st run`, v4).
 #
-# The same fuzzing as tests/service/api/test_schemathesis.py (its CONFIG_TOML dictionaries and its map_case hook,
+# The same fuzzing as tests/service/api/test_schemathesis.py (its CONFIG_TOML dictionaries and the map_case hook of fuzz_steering.py,
 # which steers positive bodies to real images / state files; see that module's docstring), with every check
 # (`--checks all`), all phases (examples, coverage, fuzzing, and stateful for the reads; see WRITES_FILTER),
 # `--continue-on-failure` (every distinct failure of an operation, not only the first) and MAX_EXAMPLES cases per

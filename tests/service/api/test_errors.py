@@ -113,7 +113,7 @@ def test_malformed_requests_are_400(app: AppRunner, kwargs: dict, words: tuple[s
 
 
 def test_unknown_routes_and_methods(app: AppRunner) -> None:
-    assert_problem(app.get("/v3/nothing"), 404)  # (under /v2: the V2 protocol's error body, tests/.../test_v2.py)
+    assert_problem(app.get("/v3/nothing"), 404)  # (under /v2: the V2 protocol's error body, tests/service/api/v2/)
     assert_problem(app.request("PATCH", "/v1/models"), 405)
 
 

@@ -172,7 +172,7 @@ def test_every_route_answers_over_http(live_server: str) -> None:
     v2 = [httpx.get(f"{live_server}/v2{path}") for path in (*v2_reads, "/models/digits/versions/1")]
     v2 += [httpx.get(f"{live_server}/v2/models/digits/versions/1/ready")]
     v2 += [httpx.post(f"{live_server}/v2/models/digits{version}/infer", json=infer) for version in ("", "/versions/1")]
-    assert [c.status_code for c in v2] == [200] * 9, [c.text for c in v2]  # the V2 protocol (test_v2.py)
+    assert [c.status_code for c in v2] == [200] * 9, [c.text for c in v2]  # the V2 protocol (tests/service/api/v2/)
     assert httpx.get(f"{digits}/drift").status_code == 200
     assert httpx.get(f"{live_server}/").status_code == 200  # the console
     text = httpx.get(f"{live_server}/metrics").text

@@ -173,7 +173,7 @@ def test_every_route_answers_what_its_schema_declares(client: httpx.Client, conf
     assert check(get("/v1/models/nope/drift")).status_code == 404
 
     for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/digits", "/v2/models/digits-seg"):
-        assert check(get(path)).status_code == 200  # the Open Inference Protocol (tests/service/api/test_v2.py)
+        assert check(get(path)).status_code == 200  # the Open Inference Protocol (tests/service/api/v2/)
     for path in ("/v2/models/digits/ready", "/v2/models/digits/versions/1", "/v2/models/digits/versions/1/ready"):
         assert check(get(path)).status_code == 200
     assert check(get("/v2/models/nope")).status_code == 404
