@@ -577,6 +577,10 @@ def start_servers(
         states = state_dir if not suffix else state_dir.with_name(state_dir.name + suffix)
         if suffix and config is not None and not states.exists():
             shutil.copytree(state_dir, states)
+            for active in states.rglob("active.json"):  # trees before the version history read no "history"
+                record = json.loads(active.read_text())
+                record.pop("history", None)
+                active.write_text(json.dumps(record))
         for mode, batch_size in (("batched", args.max_batch_size), ("unbatched", 1)):
             if mode not in args.modes:
                 continue

@@ -96,8 +96,8 @@ class Settings(BaseSettings):
     """uvicorn worker processes (``ood-serve``), each with its own models and batchers, in sync through the state
     directory."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """CPU: PyTorch threads per operator in each model's batch worker; 0: the faster of torch's default and 1,
-    measured on a full batch at warm-up (small networks run faster on one)."""
+    """CPU: PyTorch threads per operator in each model's batch worker; 0: measured on a full batch at warm-up, one
+    unless torch's default is at least 1.25x faster (small networks run as fast on one)."""
     max_queue: int = Field(default=1024, gt=0)
     """Images waiting per model; a request that does not fit gets 429 (``Retry-After``)."""
     request_timeout_s: float = Field(default=30.0, gt=0)

@@ -6,8 +6,10 @@ than the work it splits, and the event loop (HTTP, decoding) needs a core too. O
 ``OMP_WAIT_POLICY=PASSIVE``), ``process_batch`` of 1 image took 0.88 ms on one thread against 1.2-1.6 ms on two,
 of 16 images 2.8 ms against 3.5-4.6 ms, and used less CPU either way; a 224 px resnet is the opposite. So, with
 ``intra_op_threads = 0`` (the default), :func:`pick_threads` times a full warm-up batch on the default thread
-count and on one thread, in the worker thread itself, and keeps the faster (best of a few interleaved runs; a
-batch longer than :data:`LONG_BATCH_S` keeps the default unmeasured).
+count and on one thread, in the worker thread itself (best of a few interleaved runs), and keeps the default only
+if it is at least :data:`MIN_SPEEDUP` times faster; a batch longer than :data:`LONG_BATCH_S` keeps the default
+unmeasured. (A batch of one is not the criterion: it always favours one thread, and a model is served at its
+load's batch sizes.)
 
 The setting is per thread: once a thread has set up OpenMP (its first parallel operator or
 ``torch.get_num_threads()``; the functions here do that first), ``torch.set_num_threads`` in another thread does
@@ -25,6 +27,10 @@ import torch
 
 TUNING_RUNS = 3
 """Interleaved timed runs per candidate (after one untimed run each)."""
+MIN_SPEEDUP = 1.25
+"""The default thread count is kept only if it runs a full batch at least this much faster than one thread: its
+parallel regions take that many cores from the event loop and decoding, and a near tie is noise (the demo's
+full batch: 7.5 ms on one thread, 5.9-8.3 ms on two, from run to run)."""
 LONG_BATCH_S = 0.25
 """A full batch slower than this on the default thread count keeps it without measuring."""
 
@@ -39,7 +45,8 @@ class ThreadChoice:
 def pick_threads(
     run_batch: Callable[[], object], default: int, runs: int = TUNING_RUNS, long_batch_s: float = LONG_BATCH_S
 ) -> ThreadChoice:
-    """In the calling thread: time ``run_batch`` on ``default`` threads and on one, leave the faster set. A batch
+    """In the calling thread: time ``run_batch`` on ``default`` threads and on one, leave the choice set (the module
+    docstring's rule). A batch
     that takes longer than ``long_batch_s`` on ``default`` threads keeps them unmeasured (enough work per operator
     for the parallel regions to pay; start-up stays short)."""
     torch.get_num_threads()  # the thread's lazy OpenMP set-up first: it would later reset what is set now
@@ -59,7 +66,7 @@ def pick_threads(
             started = time.perf_counter()
             run_batch()
             best[count] = min(best[count], time.perf_counter() - started)
-    chosen = min(candidates, key=lambda count: (best[count], count))
+    chosen = default if best[default] * MIN_SPEEDUP <= best[1] else 1
     torch.set_num_threads(chosen)
     return ThreadChoice(chosen, best)
 
