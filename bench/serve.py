@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -646,13 +645,14 @@ def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list
         height, width = model.config.input_size
         image = noise_png((height, width), model.preprocessor.channels)
         score_batch = inprocess.batch_scorer(image, args.detectors, args.inprocess_predecoded)
-        if "inprocess" in args.modes and inprocess.model.device.type == "cpu":  # the service's own thread choice
-            from service.engine.threads import pick_threads
+        if "inprocess" in args.modes and inprocess.model.device.type == "cpu":  # the service's own thread plan
+            from service.engine.threads import batch_sizes, plan_threads
 
-            choice = inprocess.worker.submit(
-                pick_threads, partial(score_batch, args.max_batch_size), torch_threads()
+            plan = inprocess.worker.submit(
+                plan_threads, score_batch, batch_sizes(args.max_batch_size), torch_threads()
             ).result()
-            print(f"# in-process worker threads: {choice.threads} (full batch ms: {choice.seconds})", flush=True)
+            inprocess.model.thread_plan = plan  # process_batch applies it per batch, as in the service
+            print(f"# in-process worker threads from batch size: {plan.describe()}", flush=True)
         modes = [*servers, *(["inprocess"] if "inprocess" in args.modes else [])]
         cells = []
         for concurrency in args.concurrency:

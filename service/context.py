@@ -84,22 +84,32 @@ class ServiceContext:
         )
         return model
 
-    async def _worker_threads(self, model: ServedModel, batch: list[ScoreItem]) -> None:
-        """Intra-op threads of the model's batch worker: measured at warm-up or configured
-        (:mod:`service.engine.threads`)."""
+    async def _worker_threads(self, model: ServedModel, blank: ScoreItem) -> None:
+        """Intra-op threads of the model's batch worker per batch size: measured at warm-up or configured
+        (:mod:`service.engine.threads`); the worker applies the plan to every batch."""
         assert model.batcher is not None
         configured = self.settings.intra_op_threads
         if configured > 0:
-            choice = await model.batcher.run_in_worker(partial(threads.set_threads, configured))
+            plan = await model.batcher.run_in_worker(partial(threads.fixed_plan, configured))
         else:
-            run = partial(process_batch, model, batch)
-            choice = await model.batcher.run_in_worker(partial(threads.pick_threads, run, self._default_threads))
+
+            def run_batch(size: int) -> object:
+                return process_batch(model, [blank] * size)
+
+            sizes = threads.batch_sizes(min(model.max_batch_size, self.settings.max_queue))
+            plan = await model.batcher.run_in_worker(
+                partial(threads.plan_threads, run_batch, sizes, self._default_threads)
+            )
+        model.thread_plan = plan
         logger.info(
             "batch worker threads",
             extra={
                 "model": model.name,
-                "threads": choice.threads,
-                "batch_ms": {str(k): round(v * 1000, 2) for k, v in choice.seconds.items()},
+                "threads_from_batch_size": plan.describe(),
+                "batch_ms": {
+                    str(size): {str(k): round(v * 1000, 2) for k, v in times.items()}
+                    for size, times in plan.seconds.items()
+                },
             },
         )
 
@@ -126,7 +136,7 @@ class ServiceContext:
                 assert model.batcher is not None
                 await model.batcher.submit([blank] * size, timeout_s=WARMUP_TIMEOUT_S)
                 if model.device.type == "cpu":
-                    await self._worker_threads(model, [blank] * size)
+                    await self._worker_threads(model, blank)
             threads.restore_default(self._default_threads)  # threads started from now on: torch's default
             gc.collect()  # start-up's objects (torch, the models, the demo fit) leave the collector's view: the
             gc.freeze()  # full collections under load then walk only what requests allocate (p95 at c=64: 280 -> 127 ms)

@@ -93,6 +93,8 @@ def _detector_rows(items: list[ScoreItem]) -> list[tuple[ActiveDetector, list[in
 def _score_staged(
     model: ServedModel, items: list[ScoreItem], staged: Staged, observer: ScoreObserver | None
 ) -> list[ItemResult]:
+    if model.thread_plan is not None:  # the worker's intra-op threads for this batch size
+        model.thread_plan.apply(len(items))
     with torch.inference_mode():
         outputs = model.forward_staged(staged)
         results = [ItemResult() for _ in items]

@@ -35,6 +35,7 @@ from service.engine.networks import (
     layer_keys,
 )
 from service.engine.preprocess import Preprocessor
+from service.engine.threads import ThreadPlan
 from service.settings import ModelConfig, Settings
 
 OUTPUT_KINDS = ("logits", "features", "feature_maps")
@@ -88,6 +89,8 @@ class ServedModel:
         """Active detectors; replaced as a whole (copy-on-write) on every change."""
         self.batcher: DynamicBatcher[ScoreItem, ItemResult] | None = None
         """Set by :func:`service.engine.submit.attach_batcher` when the service starts."""
+        self.thread_plan: ThreadPlan | None = None
+        """CPU: the batch worker's intra-op threads per batch size (:mod:`service.engine.threads`), set at warm-up."""
         self.decode_slots = asyncio.Semaphore(os.cpu_count() or 1)
         """Requests of this model decoding in the thread pool at once: one per CPU (the pool allows 40 threads, which
         on a small CPU oversubscribes the cores the forward needs; decoders release the GIL, so more gain nothing)."""

@@ -29,6 +29,7 @@ class TwoLogitModel:
     """Stand-in for a served classifier: pixel value ``v`` -> logits ``(v / 50, 0)``."""
 
     task = "classification"
+    thread_plan = None
 
     def stage(self, pixels: list[torch.Tensor]) -> Staged:
         return Staged(torch.stack(pixels), len(pixels))
