@@ -51,9 +51,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
+
+from service.engine.batch_parts import (
+    BatcherClosedError,
+    BatcherError,
+    BatchObserver,
+    ClosedBatch,
+    Pending,
+    QueuedItem,
+    QueueFullError,
+    RequestTimeoutError,
+    Wakeup,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,95 +72,21 @@ R2 = TypeVar("R2")
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ARRIVING_WAIT_S",
+    "Arrival",
+    "BatchObserver",
+    "BatcherClosedError",
+    "BatcherError",
+    "DynamicBatcher",
+    "QueueFullError",
+    "RequestTimeoutError",
+]
+
 ARRIVING_WAIT_S = 0.002
 """How long an idle worker may wait for announced requests (:meth:`DynamicBatcher.arriving`) to be submitted,
 counted from the oldest queued item: a batch of everything the event loop is already handling costs one forward
 instead of several, and the worker does not take the CPU the event loop needs to finish them."""
-
-
-class BatcherError(Exception):
-    """Base class of the errors a :class:`DynamicBatcher` raises to a submitter."""
-
-
-class QueueFullError(BatcherError):
-    """The request's items do not fit in the free queue capacity (map to 429 with ``Retry-After``)."""
-
-    def __init__(self, retry_after_s: float, message: str = "batch queue is full") -> None:
-        super().__init__(f"{message}; retry after {retry_after_s:.2f} s")
-        self.retry_after_s = retry_after_s
-
-
-class RequestTimeoutError(BatcherError):
-    """The request was not fully processed before its deadline (map to 504)."""
-
-
-class BatcherClosedError(BatcherError):
-    """The batcher is not running or is shutting down (map to 503 with ``Retry-After``)."""
-
-    def __init__(self, message: str = "batcher is not accepting work", retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class BatchObserver(Protocol):
-    """Receives one call per processed batch (e.g. to feed Prometheus histograms)."""
-
-    def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None: ...
-
-
-@dataclass(eq=False)
-class _Request(Generic[T, R]):
-    items: Sequence[T]
-    deadline: float
-    future: asyncio.Future[list[R]]
-    results: list[Any] = field(default_factory=list)
-    remaining: int = 0
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-@dataclass(eq=False)
-class _Item(Generic[T, R]):
-    request: _Request[T, R]
-    index: int
-    enqueued_at: float
-
-
-@dataclass(eq=False)
-class _Batch(Generic[T, R]):
-    items: list[_Item[T, R]]
-    """Its live items (a request abandoned after the batch closed takes its items out)."""
-    run: Callable[[], list[R]] | asyncio.Future[Callable[[], list[R]]]
-    """What the worker calls for the items the batch closed with; a future while ``prepare`` runs."""
-    closed_with: int = 0
-
-
-class _Wakeup:
-    """Wakes ONE waiting task (the batching loop or the worker loop); both re-check their state after every
-    wake-up, so a wake-up while nobody waits can be dropped."""
-
-    def __init__(self) -> None:
-        self._future: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    async def wait(self, until: float | None = None) -> None:
-        """Return when :meth:`set` is called or (``until`` not None) at ``until`` (monotonic seconds)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._future = future
-        timer = None if until is None else loop.call_later(max(0.0, until - time.monotonic()), self.set)
-        try:
-            await future
-        finally:
-            self._future = None
-            if timer is not None:
-                timer.cancel()
 
 
 class Arrival:
@@ -208,14 +145,14 @@ class DynamicBatcher(Generic[T, R]):
         self.timeout_s = timeout_s
         self.name = name
         self.observer = observer
-        self._queue: deque[_Item[T, R]] = deque()
-        self._next: _Batch[T, R] | None = None
+        self._queue: deque[QueuedItem[T, R]] = deque()
+        self._next: ClosedBatch[T, R] | None = None
         """The batch closed and waiting for the worker (at most one)."""
-        self._running: list[_Item[T, R]] = []
+        self._running: list[QueuedItem[T, R]] = []
         """Items of the batch the worker computes."""
-        self._wakeup = _Wakeup()
+        self._wakeup = Wakeup()
         """The batching loop's: new items, a free worker, closing."""
-        self._batch_ready = _Wakeup()
+        self._batch_ready = Wakeup()
         """The worker loop's: a closed batch, closing."""
         self._task: asyncio.Task[None] | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -320,14 +257,14 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        request: _Request[T, R] = _Request(
+        request: Pending[T, R] = Pending(
             items=items,
             deadline=now + timeout,
             future=loop.create_future(),
             results=[None] * len(items),
             remaining=len(items),
         )
-        self._queue.extend(_Item(request, i, now) for i in range(len(items)))
+        self._queue.extend(QueuedItem(request, i, now) for i in range(len(items)))
         self._notify()
         # one timer handle per request (cheaper than asyncio.wait/wait_for, which wrap the wait in a task)
         expiry = loop.call_later(timeout, self._expire, request, timeout)
@@ -339,11 +276,11 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             expiry.cancel()
 
-    def _expire(self, request: _Request[T, R], timeout: float) -> None:
+    def _expire(self, request: Pending[T, R], timeout: float) -> None:
         if not request.future.done():
             self._abandon(request, RequestTimeoutError(f"request not processed within {timeout:.3f} s"))
 
-    def _abandon(self, request: _Request[T, R], error: BaseException | None) -> None:
+    def _abandon(self, request: Pending[T, R], error: BaseException | None) -> None:
         """Drop the request's queued items; fail its future with ``error`` or cancel it."""
         if error is not None:
             request.fail(error)
@@ -380,7 +317,7 @@ class DynamicBatcher(Generic[T, R]):
             window_end = max(window_end, oldest + ARRIVING_WAIT_S)
         return True if time.monotonic() >= window_end else window_end
 
-    def _take(self) -> list[_Item[T, R]]:
+    def _take(self) -> list[QueuedItem[T, R]]:
         """Pop up to ``max_batch_size`` of the oldest queued items (every queued item is live: finished requests
         remove theirs)."""
         count = min(self.max_batch_size, len(self._queue))
@@ -407,7 +344,7 @@ class DynamicBatcher(Generic[T, R]):
                     run: Any = loop.run_in_executor(self._preparer, self.prepare, inputs)
                 else:
                     run = partial(self.process, inputs)
-                self._next = _Batch(items, run, len(items))
+                self._next = ClosedBatch(items, run, len(items))
                 self._batch_ready.set()
         finally:
             self._closing = True
@@ -440,7 +377,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._running = []
                 self._wakeup.set()
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: _Batch[T, R]) -> None:
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: ClosedBatch[T, R]) -> None:
         error: Exception | None = None
         results: list[R] = []
         started = time.monotonic()
@@ -469,7 +406,7 @@ class DynamicBatcher(Generic[T, R]):
             self._deliver(batch.items, results)
         self._observe(len(batch.items), [started - item.enqueued_at for item in batch.items], compute_s)
 
-    def _live(self, batch: list[_Item[T, R]], now: float) -> list[_Item[T, R]]:
+    def _live(self, batch: list[QueuedItem[T, R]], now: float) -> list[QueuedItem[T, R]]:
         """Drop items of finished requests; expire requests past their deadline."""
         for item in batch:
             if now > item.request.deadline:
@@ -477,7 +414,7 @@ class DynamicBatcher(Generic[T, R]):
         return [item for item in batch if not item.request.future.done()]
 
     @staticmethod
-    def _deliver(batch: list[_Item[T, R]], results: list[R]) -> None:
+    def _deliver(batch: list[QueuedItem[T, R]], results: list[R]) -> None:
         for item, result in zip(batch, results, strict=True):
             request = item.request
             if request.future.done():
