@@ -8,7 +8,7 @@ wake-up and a barrier, and the event loop (HTTP, decoding) needs a core too. On 
 17.1 ms of server CPU per image on two threads against 12.7 on one (and was 0.81x as fast), while its full batch of
 32 runs faster on two. So the worker's thread count follows the batch it runs: with ``intra_op_threads = 0`` (the
 default), :func:`plan_threads` times each batch size of :data:`batch_sizes` (1, 2, 4, ... up to the maximum) on
-torch's default count and on one thread, in the worker thread itself (best of a few interleaved runs), and keeps
+torch's default count and on one thread, in the worker thread itself (best of 3-12 interleaved runs), and keeps
 the default only where it is at least :data:`MIN_SPEEDUP` times faster; from the first size whose batch takes
 longer than :data:`LONG_BATCH_S` on the default count, the default is kept unmeasured (enough work per operator;
 start-up stays short). :meth:`ThreadPlan.apply` then sets the count for each batch (only when it changes).
@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 TUNING_RUNS = 3
-"""Interleaved timed runs per candidate (after one untimed run each)."""
+"""Interleaved timed runs per candidate at least (after one untimed run each)..."""
+MAX_RUNS = 12
+SIZE_BUDGET_S = 0.6
+"""... and more, up to :data:`MAX_RUNS`, while a size has taken less than this: the best of a few runs of a cheap
+batch is noisy (resnet18 at 224 px, one image on two threads against one: 38.4 vs 55.9 ms in one start, 44.7 vs
+53.2 in the next, which then kept one thread)."""
 MIN_SPEEDUP = 1.25
 """The default thread count is kept only where it runs a batch at least this much faster than one thread: its
 parallel regions take that many cores from the event loop and decoding, and a near tie is noise (the demo's full
@@ -87,6 +92,7 @@ def plan_threads(
     default: int,
     runs: int = TUNING_RUNS,
     long_batch_s: float = LONG_BATCH_S,
+    budget_s: float = SIZE_BUDGET_S,
 ) -> ThreadPlan:
     """In the calling thread: time ``run_batch(size)`` for each of ``sizes`` (increasing) on ``default`` threads and
     on one; the plan of the module docstring's rule."""
@@ -108,9 +114,11 @@ def plan_threads(
             continue
         _time(run, 1)
         best = {default: float("inf"), 1: float("inf")}
-        for _ in range(runs):
+        began, done = time.perf_counter(), 0
+        while done < runs or (done < MAX_RUNS and time.perf_counter() - began < budget_s):
             for count in (default, 1):
                 best[count] = min(best[count], _time(run, count))
+            done += 1
         chosen[size] = default if best[default] * MIN_SPEEDUP <= best[1] else 1
         seconds[size] = best
     steps: list[tuple[int, int]] = []

@@ -65,7 +65,7 @@ def test_one_thread_everywhere_for_a_near_tie(worker: ThreadPoolExecutor) -> Non
 def test_from_the_first_long_batch_the_default_is_kept_unmeasured(worker: ThreadPoolExecutor) -> None:
     calls: list[tuple[int, int]] = []
     run = batches_taking(lambda size, n: 0.02 * size, calls)  # one thread as fast: 1 thread while measured
-    plan = worker.submit(threads.plan_threads, run, [1, 2, 4, 8], 2, 1, 0.05).result()
+    plan = worker.submit(threads.plan_threads, run, [1, 2, 4, 8], 2, 1, 0.05, 0.0).result()
     assert plan.steps == [(1, 1), (4, 2)]
     assert [size for size, _ in calls].count(4) == 1 and 8 not in [size for size, _ in calls]
     assert plan.seconds[4] == {2: pytest.approx(0.08, abs=0.05)} and 8 not in plan.seconds
