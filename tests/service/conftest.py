@@ -18,10 +18,12 @@ import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,16 @@ API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+
+
+def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -179,11 +191,12 @@ def wait_until_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lam
 
 
 @contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 (free port) in a background thread; yields its base URL once ready."""
+def serve(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 (free port) in a background thread (of ``app``, default the service
+    built from ``settings``); yields its base URL once ready."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn_config(create_app(settings), settings, log_level="warning")
+    config = uvicorn_config(app if app is not None else create_app(settings), settings, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

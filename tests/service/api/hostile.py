@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.service.conftest import digit_png, noise_png, png_bytes
+from tests.service.conftest import digit_png, encode, noise_png, png_bytes, png_chunk
 
 SCORE = "/v1/models/digits/score"
 SEGMENT = "/v1/models/digits-seg/segment"
@@ -30,16 +30,6 @@ PROBLEM = "application/problem+json"
 
 
 # --- building the corpus ------------------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:

@@ -4,36 +4,16 @@ metrics' route label; other methods on these paths still go through FastAPI."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from service.api.scoring_lane import ScoringLane
 from service.app import create_app
-from service.server import uvicorn_config
 from service.settings import Settings
-from tests.service.conftest import API_KEY, digit_png, free_socket, noise_png, wait_until_ready
-
-
-@contextmanager
-def serving(app: FastAPI, settings: Settings) -> Iterator[str]:
-    sock = free_socket()
-    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_until_ready(url, 120.0, alive=thread.is_alive)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+from tests.service.conftest import API_KEY, digit_png, noise_png, serve
 
 
 def without_lane(settings: Settings) -> FastAPI:
@@ -46,7 +26,7 @@ def without_lane(settings: Settings) -> FastAPI:
 def both(module_settings: Settings) -> Iterator[tuple[str, str]]:
     lane_app = create_app(module_settings)
     assert any(m.cls is ScoringLane for m in lane_app.user_middleware)
-    with serving(lane_app, module_settings) as lane, serving(without_lane(module_settings), module_settings) as plain:
+    with serve(module_settings, lane_app) as lane, serve(module_settings, without_lane(module_settings)) as plain:
         yield lane, plain
 
 

@@ -19,18 +19,9 @@ from service.engine.decode import RawImage, decode_image, load_image, open_image
 from service.engine.preprocess import Preprocessor
 from service.errors import ImageDecodeError, ImageTooLargeError
 from service.settings import PreprocessConfig
+from tests.service.conftest import encode, png_chunk
 
 LIMIT = 25_000_000
-
-
-def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def raw_png(width: int, height: int, bit_depth: int, color_type: int, scanlines: bytes = b"") -> bytes:
