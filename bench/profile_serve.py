@@ -2,7 +2,7 @@
 
 py-spy launches the server as its child (``py-spy record -- python -m service ...``: no ptrace attach needed),
 samples every thread that is running (idle threads are left out, so samples ~ CPU time), and writes collapsed
-stacks; this script drives the load with :func:`bench.serve.http_load` (one httpx client per virtual user), stops
+stacks; this script drives the load with :func:`bench.serve_load.http_load` (one httpx client per virtual user), stops
 the server with SIGTERM, and sums the samples into buckets by the first matching frame from the leaf up (the
 innermost layer that owns the time: the model forward, decoding, multipart, FastAPI, Starlette, uvicorn, asyncio,
 ...). The server's total CPU per image over the load window comes from ``/proc`` like in ``bench/serve.py``.
@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-from serve import ROOT, Server, batch_size_totals, http_load, image_for  # noqa: E402
+from serve_load import batch_size_totals, http_load, image_for  # noqa: E402
+from serve_servers import ROOT, Server  # noqa: E402
 
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     # (bucket, substrings of "function (file)" frames), matched from the leaf frame upwards
