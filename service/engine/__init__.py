@@ -13,7 +13,8 @@ Module map, in the order a request passes through:
   on the CPU, then ``(x / 255 - mean) / std`` on the device.
 * :mod:`~service.engine.batcher`: :class:`DynamicBatcher`, which collects the images of concurrent requests into
   one call of the model in one worker thread (adaptive: an idle worker starts at once, a busy one lets arrivals
-  accumulate; a batch closed while the worker computes is prepared meanwhile); :mod:`~service.engine.batch_parts`:
+  accumulate; a batch closed while the worker computes is prepared meanwhile); :mod:`~service.engine.batch_admission`:
+  its bounded queue, admission, deadlines and announcements; :mod:`~service.engine.batch_parts`:
   its errors, observer protocol, queued items, closed batches and wake-ups; :mod:`~service.engine.threads`: the
   worker's intra-op threads per batch size (CPU), measured at warm-up.
 * :mod:`~service.engine.devices`: device choice, reduced precision, cuDNN settings, batch padding and staging
