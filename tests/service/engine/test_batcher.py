@@ -1,4 +1,5 @@
-"""DynamicBatcher behaviour without HTTP: batching, splitting, the wait window, load shedding, expiry, errors, shutdown.
+"""DynamicBatcher behaviour without HTTP: batching, splitting, the wait window, errors, shutdown and the observer
+(admission, load shedding, expiry and cancellation: ``test_batch_admission.py``).
 
 Timing assertions use lower bounds (a batch never closes before its window) or wide gaps between the two
 behaviours being told apart, so they hold on a loaded 2-core machine.
@@ -7,71 +8,14 @@ behaviours being told apart, so they hold on a loaded 2-core machine.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
-from service.engine.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, RequestTimeoutError
+from service.engine.batcher import BatcherClosedError
+from tests.service.engine.batching import ObserverSpy, Recorder, run, settle, started, worker_busy
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Recorder:
-    """A `process` function that doubles numbers, records every batch and can hold the worker on a gate."""
-
-    def __init__(self, hold_first: bool = False, fail_on: object = None) -> None:
-        self.batches: list[list[Any]] = []
-        self.called_at: list[float] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        if not hold_first:
-            self.release.set()
-        self.fail_on = fail_on
-
-    def __call__(self, items: list[Any]) -> list[Any]:
-        self.called_at.append(time.monotonic())
-        self.batches.append(list(items))
-        self.entered.set()
-        assert self.release.wait(20), "test never released the worker"
-        if self.fail_on is not None and self.fail_on in items:
-            raise ValueError(f"cannot process {self.fail_on!r}")
-        return [item * 2 for item in items]
-
-    @property
-    def seen(self) -> list[Any]:
-        return [item for batch in self.batches for item in batch]
-
-
-class ObserverSpy:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int, list[float], float]] = []
-
-    def on_batch(self, name: str, size: int, queue_wait_s: list[float], compute_s: float) -> None:
-        self.calls.append((name, size, queue_wait_s, compute_s))
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(scenario())  # type: ignore[arg-type]
-
-
-async def started(process: Recorder, **kwargs: Any) -> DynamicBatcher[Any, Any]:
-    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(process, **kwargs)
-    await batcher.start()
-    return batcher
-
-
-async def worker_busy(process: Recorder) -> None:
-    """Wait until the worker thread is inside `process` (holding the gate)."""
-    assert await asyncio.to_thread(process.entered.wait, 20)
-
-
-async def settle() -> None:
-    """Let submit() tasks created just before run up to their first await (enqueued)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 def test_concurrent_single_item_requests_are_batched_together() -> None:
@@ -153,52 +97,6 @@ def test_wait_is_measured_from_the_first_item_and_never_restarted() -> None:
     run(scenario)
 
 
-def test_full_queue_refuses_whole_request_and_enqueues_nothing() -> None:
-    async def scenario() -> None:
-        process = Recorder(hold_first=True)
-        batcher = await started(process, max_batch_size=2, max_wait_ms=0, max_queue=4)
-        blocker = asyncio.create_task(batcher.submit([0]))
-        await worker_busy(process)
-        waiting = [asyncio.create_task(batcher.submit([1, 2])), asyncio.create_task(batcher.submit([3]))]
-        await settle()
-        assert batcher.queue_depth == 3
-        with pytest.raises(QueueFullError) as refused:
-            await batcher.submit([4, 5])  # 2 items, 1 free slot: all-or-nothing
-        assert refused.value.retry_after_s > 0
-        assert batcher.queue_depth == 3
-        last = asyncio.create_task(batcher.submit([6]))  # exactly fills the queue
-        await settle()
-        assert batcher.queue_depth == 4
-        process.release.set()
-        assert await blocker == [0]
-        assert [await task for task in waiting] == [[2, 4], [6]]
-        assert await last == [12]
-        await batcher.stop()
-        assert 4 not in process.seen and 5 not in process.seen
-
-    run(scenario)
-
-
-def test_request_past_its_deadline_gets_timeout_and_is_never_processed() -> None:
-    async def scenario() -> None:
-        process = Recorder(hold_first=True)
-        batcher = await started(process, max_batch_size=4, max_wait_ms=0)
-        blocker = asyncio.create_task(batcher.submit([0]))
-        await worker_busy(process)
-        began = time.monotonic()
-        with pytest.raises(RequestTimeoutError):
-            await batcher.submit([7, 8], timeout_s=0.2)
-        assert 0.19 <= time.monotonic() - began < 5.0  # submit waits at most until the deadline
-        assert batcher.queue_depth == 0  # expired items no longer hold queue capacity
-        process.release.set()
-        assert await blocker == [0]
-        assert await batcher.submit([9]) == [18]
-        await batcher.stop()
-        assert 7 not in process.seen and 8 not in process.seen
-
-    run(scenario)
-
-
 def test_process_error_fails_only_requests_in_that_batch() -> None:
     async def scenario() -> None:
         process = Recorder(fail_on=-1)
@@ -259,28 +157,6 @@ def test_stop_without_drain_fails_queued_requests_but_answers_the_running_batch(
     run(scenario)
 
 
-def test_cancelled_request_has_its_remaining_items_skipped() -> None:
-    async def scenario() -> None:
-        process = Recorder(hold_first=True)
-        batcher = await started(process, max_batch_size=4, max_wait_ms=0)
-        blocker = asyncio.create_task(batcher.submit([0]))
-        await worker_busy(process)
-        gone = asyncio.create_task(batcher.submit([5, 6, 7]))
-        kept = asyncio.create_task(batcher.submit([8]))
-        await settle()
-        gone.cancel()
-        await settle()
-        assert gone.cancelled()
-        assert batcher.queue_depth == 1
-        process.release.set()
-        assert await blocker == [0]
-        assert await kept == [16]
-        await batcher.stop()
-        assert not {5, 6, 7} & set(process.seen)
-
-    run(scenario)
-
-
 def test_observer_sees_every_batch_with_queue_waits_and_compute_time() -> None:
     async def scenario() -> None:
         process = Recorder()
@@ -293,21 +169,5 @@ def test_observer_sees_every_batch_with_queue_waits_and_compute_time() -> None:
             assert name == "digits"
             assert len(waits) == size and all(w >= 0 for w in waits)
             assert compute_s >= 0
-
-    run(scenario)
-
-
-def test_submit_outside_start_stop_is_refused_and_empty_request_is_trivial() -> None:
-    async def scenario() -> None:
-        process = Recorder()
-        batcher: DynamicBatcher[int, int] = DynamicBatcher(process)
-        with pytest.raises(BatcherClosedError):
-            await batcher.submit([1])
-        await batcher.start()
-        assert await batcher.submit([]) == []
-        await batcher.stop()
-        with pytest.raises(BatcherClosedError):
-            await batcher.submit([1])
-        assert process.batches == []
 
     run(scenario)
