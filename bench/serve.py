@@ -43,10 +43,16 @@ from pathlib import Path
 
 import httpx
 from serve_load import Cell, LoadSpec, Slices, inprocess_load, load_in_processes, noise_png
-from serve_servers import SCENARIOS, InProcess, Server, config_scenario, resnet18_config, start_servers, torch_threads
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
+from serve_servers import (
+    RESULTS_DIR,
+    SCENARIOS,
+    InProcess,
+    Server,
+    config_scenario,
+    resnet18_config,
+    start_servers,
+    torch_threads,
+)
 
 
 def run_scenario(scenario: str, args: argparse.Namespace, workdir: Path) -> list[Cell]:

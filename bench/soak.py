@@ -57,7 +57,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as bench/soak.py: the repository root
 
-from bench.serve import RESULTS_DIR, Server, percentile, process_cpu_s  # noqa: E402
+from bench.serve_load import percentile, process_cpu_s  # noqa: E402
+from bench.serve_servers import RESULTS_DIR, Server  # noqa: E402
 from bench.soak_resources import Sample, assess, sample_every_second  # noqa: E402
 from bench.soak_traffic import (  # noqa: E402
     API_KEY,
