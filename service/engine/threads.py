@@ -31,9 +31,11 @@ TUNING_RUNS = 3
 """Interleaved timed runs per candidate at least (after one untimed run each)..."""
 MAX_RUNS = 12
 SIZE_BUDGET_S = 0.6
-"""... and more, up to :data:`MAX_RUNS`, while a size has taken less than this: the best of a few runs of a cheap
-batch is noisy (resnet18 at 224 px, one image on two threads against one: 38.4 vs 55.9 ms in one start, 44.7 vs
-53.2 in the next, which then kept one thread)."""
+"""... and more, up to :data:`MAX_RUNS`, while a size has taken less than this and the speed-up is within
+:data:`CLOSE_FACTOR` of :data:`MIN_SPEEDUP`: the best of a few runs of a cheap batch is noisy (resnet18 at 224 px,
+one image on two threads against one: 38.4 vs 55.9 ms in one start, 44.7 vs 53.2 in the next, which then kept one
+thread); a clear case stops at :data:`TUNING_RUNS` (start-up stays short: every app start runs the plan)."""
+CLOSE_FACTOR = 1.15
 MIN_SPEEDUP = 1.25
 """The default thread count is kept only where it runs a batch at least this much faster than one thread: its
 parallel regions take that many cores from the event loop and decoding, and a near tie is noise (the demo's full
@@ -79,6 +81,11 @@ class ThreadPlan:
         return {str(from_size): count for from_size, count in self.steps}
 
 
+def _close_call(one: float, default: float) -> bool:
+    """Whether a speed-up of ``one / default`` is within 15% of :data:`MIN_SPEEDUP` either way (worth more runs)."""
+    return MIN_SPEEDUP / CLOSE_FACTOR < one / default < MIN_SPEEDUP * CLOSE_FACTOR
+
+
 def _time(run: Callable[[], object], count: int) -> float:
     torch.set_num_threads(count)
     started = time.perf_counter()
@@ -115,7 +122,9 @@ def plan_threads(
         _time(run, 1)
         best = {default: float("inf"), 1: float("inf")}
         began, done = time.perf_counter(), 0
-        while done < runs or (done < MAX_RUNS and time.perf_counter() - began < budget_s):
+        while done < runs or (
+            done < MAX_RUNS and time.perf_counter() - began < budget_s and _close_call(best[1], best[default])
+        ):
             for count in (default, 1):
                 best[count] = min(best[count], _time(run, count))
             done += 1

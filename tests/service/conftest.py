@@ -41,6 +41,11 @@ from service.server import uvicorn_config
 from service.settings import Settings, load_settings
 
 API_KEY = "test-key-0123456789"
+
+# The batch workers' thread plan is measured at every app start (~0.8 s on the demo's two models, times the
+# suite's hundreds of starts); the suite runs them on one intra-op thread instead, and tests/service/engine/
+# test_threads.py checks the measured plan itself (it sets intra_op_threads explicitly).
+os.environ.setdefault("OOD_INTRA_OP_THREADS", "1")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
