@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,9 +37,13 @@ from service.settings import Settings
 
 logger = logging.getLogger("service.server")
 WORKER_HEALTHCHECK_S = 60
+"""Seconds a worker may take to answer the supervisor's health check before it is taken for hung and replaced."""
 WORKER_STARTUP_S = 3600.0
 """Longest a worker's start-up (models, states, warm-up, compilation) may take before the worker gives up."""
-"""Seconds a worker may take to answer the supervisor's health check before it is taken for hung and replaced."""
+PONG_GRACE_S = 0.3
+"""A worker whose start-up failed waits this long before it exits, so an outstanding health check is answered
+(otherwise the supervisor noticed the dead worker only after :data:`WORKER_HEALTHCHECK_S`, in about half the runs
+of ``tests/service/test_workers.py``'s start-up failure)."""
 
 
 def _protocol(app: FastAPI, settings: Settings) -> type[Any]:
@@ -106,6 +111,10 @@ def _serve_when_ready(app: FastAPI) -> None:
                 # which stops the supervisor (restarting would fail the same way)
                 logger.error("worker start-up failed", extra={"reason": str(exc)})
                 sys.stderr.flush()
+                # the supervisor's health-check ping may be waiting for an answer the busy start-up kept from its
+                # pong thread; a worker that died with it unanswered would be noticed only after the check's whole
+                # timeout (its pipe never reports EOF): let the pong thread answer first
+                time.sleep(PONG_GRACE_S)
                 os._exit(STARTUP_FAILURE)
             yield state
 
